@@ -1,0 +1,94 @@
+"""Attribute names and values: OpenTelemetry messaging conventions, plus ``celery.*``.
+
+Names come from ``opentelemetry.semconv`` where a constant exists. The messaging
+conventions are still incubating upstream, hence the ``_incubating`` import (the
+official contrib instrumentations do the same).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Final
+
+from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
+    MESSAGING_DESTINATION_NAME,
+    MESSAGING_MESSAGE_CONVERSATION_ID,
+    MESSAGING_MESSAGE_ID,
+    MESSAGING_OPERATION_NAME,
+    MESSAGING_OPERATION_TYPE,
+    MESSAGING_SYSTEM,
+)
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+
+__all__ = [
+    "ERROR_TYPE",
+    "MESSAGING_DESTINATION_NAME",
+    "MESSAGING_MESSAGE_CONVERSATION_ID",
+    "MESSAGING_MESSAGE_ID",
+    "MESSAGING_OPERATION_NAME",
+    "MESSAGING_OPERATION_TYPE",
+    "MESSAGING_SYSTEM",
+]
+
+# Celery facts that have no semantic convention.
+CELERY_TASK_NAME: Final = "celery.task.name"
+CELERY_TASK_RETRIES: Final = "celery.task.retries"
+CELERY_TASK_STATE: Final = "celery.task.state"
+CELERY_TASK_ROOT_ID: Final = "celery.task.root_id"
+CELERY_TASK_PARENT_ID: Final = "celery.task.parent_id"
+CELERY_TASK_GROUP_ID: Final = "celery.task.group_id"
+CELERY_TASK_CHORD_ID: Final = "celery.task.chord_id"
+CELERY_TASK_ETA: Final = "celery.task.eta"
+CELERY_TASK_COUNTDOWN: Final = "celery.task.countdown"
+CELERY_TASK_EAGER: Final = "celery.task.eager"
+CELERY_WORKER_HOSTNAME: Final = "celery.worker.hostname"
+CELERY_QUEUE_TIME: Final = "celery.message.queue_time"
+CELERY_RETRY_REASON: Final = "celery.retry.reason"
+CELERY_TRACE_SHAPE: Final = "celery.trace_shape"
+CELERY_REVOKED: Final = "celery.task.revoked"
+CELERY_REVOKED_REASON: Final = "celery.task.revoked.reason"
+CELERY_BEAT_ENTRY: Final = "celery.beat.entry"
+
+OPERATION_SEND: Final = "send"
+OPERATION_PROCESS: Final = "process"
+
+# Broker URL scheme -> messaging.system. Redis has no value in the incubating enum
+# yet; "redis" is what the conventions' issue tracker and the Redis instrumentations use.
+_SYSTEMS: Final[dict[str, str]] = {
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "pyamqp": "rabbitmq",
+    "librabbitmq": "rabbitmq",
+    "redis": "redis",
+    "rediss": "redis",
+    "sentinel": "redis",
+    "sqs": "aws_sqs",
+    "kafka": "kafka",
+    "memory": "memory",
+    "filesystem": "filesystem",
+    "gcpubsub": "gcp_pubsub",
+    "azureservicebus": "servicebus",
+}
+
+# Per app, held weakly: an app that goes away takes its entry with it.
+_system_by_app: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def messaging_system(app: Any) -> str:
+    """The broker kind of ``app``, from its broker URL scheme (cached per app)."""
+    try:
+        system = _system_by_app.get(app)
+    except TypeError:  # not weak-referenceable: compute every time
+        system = None
+    if system is None:
+        try:
+            url = app.conf.broker_url or "amqp://"
+            scheme = str(url).split(";", 1)[0].split("://", 1)[0].split("+")[-1].lower()
+        except Exception:  # noqa: BLE001 - an unreadable config must not break a publish
+            scheme = ""
+        system = _SYSTEMS.get(scheme, scheme or "unknown")
+        try:
+            _system_by_app[app] = system
+        except TypeError:
+            pass
+    return system

@@ -1,0 +1,128 @@
+"""Propagator Getter/Setter over the shapes in which Celery messages carry headers.
+
+Pure functions over dicts and ``task.request``; no Celery import, unit-tested alone.
+
+Where a producer's context can be found on the worker, in the order we look:
+
+1. ``task.request.<key>``: top-level message headers become attributes of the request
+   (Celery's protocol 2, and protocol 1 through ``hybrid_to_proto2``). We and the
+   official ``opentelemetry-instrumentation-celery`` write here.
+2. ``task.request.headers[<key>]``: the custom headers Celery keeps apart (5.3+), and
+   what an eager ``apply(headers=...)`` passes.
+3. ``task.request.headers["headers"][<key>]``: a nested dict, how Sentry and Datadog
+   write their headers so they survive every Celery version.
+4. ``task.request.otel_context[<key>]``: the dict of the seed article
+   (``apply_async(headers={"otel_context": carrier})``).
+
+Only ``str`` values are accepted: a number, list or dict under a trace key is treated
+as absent, so the task starts a new trace instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry.propagators.textmap import Getter, Setter
+
+#: The header carrying the publish time (seconds since the epoch, as a string), used
+#: for time in queue. A string, not a float: AMQP header tables and JSON both keep it
+#: exactly, and the official instrumentation ignores it.
+SENT_AT_HEADER = "otel_celery_sent_at"
+
+#: The seed article's nested carrier.
+SEED_CARRIER_KEY = "otel_context"
+#: Sentry's and Datadog's nested carrier.
+NESTED_CARRIER_KEY = "headers"
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
+    if isinstance(mapping, Mapping):
+        inner = mapping.get(key)
+        if isinstance(inner, Mapping):
+            return inner
+    return None
+
+
+def find_header(request: object, key: str) -> str | None:
+    """Return the string value of header ``key`` on a Celery request, or None."""
+    value = _str_or_none(getattr(request, key, None))
+    if value is not None:
+        return value
+    custom = getattr(request, "headers", None)
+    if isinstance(custom, Mapping):
+        value = _str_or_none(custom.get(key))
+        if value is not None:
+            return value
+        nested = _nested(custom, NESTED_CARRIER_KEY)
+        if nested is not None:
+            value = _str_or_none(nested.get(key))
+            if value is not None:
+                return value
+    seed = getattr(request, SEED_CARRIER_KEY, None)
+    if not isinstance(seed, Mapping):
+        seed = _nested(custom, SEED_CARRIER_KEY)
+    if seed is not None:
+        return _str_or_none(seed.get(key))
+    return None
+
+
+class RequestGetter(Getter[Any]):
+    """Reads propagation fields from a ``celery.app.task.Context`` (``task.request``)."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        value = find_header(carrier, key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Any) -> list[str]:
+        found: list[str] = []
+        custom = getattr(carrier, "headers", None)
+        for source in (
+            custom,
+            _nested(custom, NESTED_CARRIER_KEY),
+            getattr(carrier, SEED_CARRIER_KEY, None),
+        ):
+            if isinstance(source, Mapping):
+                found.extend(k for k in source if isinstance(k, str))
+        return found
+
+
+class HeaderSetter(Setter[MutableMapping[str, Any]]):
+    """Writes propagation fields as top-level string headers, overwriting stale ones.
+
+    ``Task.retry()`` republishes the previous attempt's headers, so an existing value
+    is the old attempt's context and must be replaced, never kept (no ``setdefault``).
+    """
+
+    def set(self, carrier: MutableMapping[str, Any], key: str, value: str) -> None:
+        carrier[key] = value
+
+
+def drop_fields(headers: MutableMapping[str, Any], fields: Iterable[str]) -> None:
+    """Remove propagation fields copied from an earlier message (retry, replace)."""
+    for field in fields:
+        headers.pop(field, None)
+
+
+def bound_baggage(value: str, max_bytes: int) -> tuple[str, int]:
+    """Cut a W3C ``baggage`` header to at most ``max_bytes``, keeping whole members.
+
+    Members are kept in order until the next one would not fit; returns the bounded
+    value and how many members were dropped.
+    """
+    if len(value.encode("utf-8")) <= max_bytes:
+        return value, 0
+    kept: list[str] = []
+    size = 0
+    members = value.split(",")
+    for member in members:
+        cost = len(member.encode("utf-8")) + (1 if kept else 0)
+        if size + cost > max_bytes:
+            break
+        kept.append(member)
+        size += cost
+    return ",".join(kept), len(members) - len(kept)

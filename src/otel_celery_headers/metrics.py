@@ -1,0 +1,85 @@
+"""Metric instruments (OpenTelemetry messaging conventions, units in UCUM).
+
+Attributes are bounded: messaging system, destination (queue), operation, task name,
+outcome and error type. Never a task id: that would be one series per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.metrics import Counter, Histogram, Meter
+from opentelemetry.semconv._incubating.metrics.messaging_metrics import (
+    MESSAGING_CLIENT_CONSUMED_MESSAGES,
+    MESSAGING_CLIENT_OPERATION_DURATION,
+    MESSAGING_CLIENT_SENT_MESSAGES,
+    MESSAGING_PROCESS_DURATION,
+)
+
+from .attributes import CELERY_QUEUE_TIME
+
+# The boundaries the messaging conventions recommend for duration histograms.
+_DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10]
+# Time in queue spans milliseconds to hours (countdown tasks are measured from their eta).
+_QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600]
+
+
+def _histogram(meter: Meter, name: str, description: str, buckets: list[float]) -> Histogram:
+    try:
+        return meter.create_histogram(
+            name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
+        )
+    except TypeError:  # opentelemetry-api before 1.23 has no advisory parameter
+        return meter.create_histogram(name, unit="s", description=description)
+
+
+@dataclass(frozen=True)
+class Instruments:
+    sent: Counter
+    publish_duration: Histogram
+    consumed: Counter
+    process_duration: Histogram
+    queue_time: Histogram
+
+    @classmethod
+    def create(cls, meter: Meter) -> Instruments:
+        return cls(
+            sent=meter.create_counter(
+                MESSAGING_CLIENT_SENT_MESSAGES,
+                unit="{message}",
+                description="Messages a producer attempted to send to the broker.",
+            ),
+            publish_duration=_histogram(
+                meter,
+                MESSAGING_CLIENT_OPERATION_DURATION,
+                "Duration of publishing a task message.",
+                _DURATION_BUCKETS,
+            ),
+            consumed=meter.create_counter(
+                MESSAGING_CLIENT_CONSUMED_MESSAGES,
+                unit="{message}",
+                description="Task messages a worker executed.",
+            ),
+            process_duration=_histogram(
+                meter,
+                MESSAGING_PROCESS_DURATION,
+                "Duration of executing a task.",
+                _DURATION_BUCKETS,
+            ),
+            queue_time=_histogram(
+                meter,
+                CELERY_QUEUE_TIME,
+                "Time a task message waited between publish (or its eta) and execution.",
+                _QUEUE_BUCKETS,
+            ),
+        )
+
+    def published(self, seconds: float, attributes: Mapping[str, Any]) -> None:
+        self.sent.add(1, attributes)
+        self.publish_duration.record(seconds, attributes)
+
+    def processed(self, seconds: float, attributes: Mapping[str, Any]) -> None:
+        self.consumed.add(1, attributes)
+        self.process_duration.record(seconds, attributes)
