@@ -1,0 +1,102 @@
+"""Shared fixtures: real brokers, an SDK wired to in-memory exporters, real workers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from otel_celery_headers import CeleryHeadersInstrumentor
+from tests.support import servers
+from tests.support.tasks import register
+
+# One SDK for the whole session: the global provider can be set only once. Spans are
+# exported synchronously, so a span is visible the moment it ends.
+EXPORTER = InMemorySpanExporter()
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
+trace.set_tracer_provider(PROVIDER)
+METRICS = InMemoryMetricReader()
+METER_PROVIDER = MeterProvider(metric_readers=[METRICS])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with servers.redis_server() as (url, _proc):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    with servers.rabbitmq_server() as url:
+        yield url
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    EXPORTER.clear()
+    yield EXPORTER
+    EXPORTER.clear()
+
+
+@pytest.fixture
+def tracer() -> trace.Tracer:
+    return PROVIDER.get_tracer("tests")
+
+
+def make_app(broker: str, backend: str | None = None, **conf: Any) -> tuple[Celery, SimpleNamespace]:
+    app = Celery(f"test-{time.monotonic_ns()}", broker=broker, backend=backend or broker, set_as_current=False)
+    app.conf.update(
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        result_expires=300,
+        **conf,
+    )
+    return app, register(app)
+
+
+def instrument(**kwargs: Any) -> CeleryHeadersInstrumentor:
+    instrumentor = CeleryHeadersInstrumentor()
+    instrumentor.instrument(tracer_provider=PROVIDER, meter_provider=METER_PROVIDER, **kwargs)
+    return instrumentor
+
+
+@pytest.fixture
+def instrumented() -> Iterator[CeleryHeadersInstrumentor]:
+    instrumentor = instrument()
+    yield instrumentor
+    instrumentor.uninstrument()
+
+
+def worker(app: Celery, pool: str = "solo", **kwargs: Any) -> Any:
+    return start_worker(
+        app, pool=pool, concurrency=4 if pool == "threads" else 1,
+        perform_ping_check=False, shutdown_timeout=20, loglevel="WARNING", **kwargs,
+    )
+
+
+def wait_for(
+    predicate: Callable[[list[ReadableSpan]], Any], timeout: float = 15.0
+) -> Any:
+    """Poll the exporter until ``predicate(spans)`` is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = list(EXPORTER.get_finished_spans())
+        result = predicate(spans)
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            names = sorted(s.name for s in spans)
+            raise AssertionError(f"timed out waiting for spans; have {names}")
+        time.sleep(0.02)
