@@ -1,0 +1,80 @@
+"""A `celery worker --pool prefork` subprocess writing its spans to a JSON-lines file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.support.file_exporter import read_spans
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def prefork_worker(
+    broker_url: str, tmp_path: Path, *, concurrency: int = 2, max_tasks_per_child: int | None = None,
+    instrument_at: str = "import", extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    span_file = tmp_path / f"spans-{queue}.jsonl"
+    log_file = tmp_path / f"worker-{queue}.log"
+    args = [
+        sys.executable, "-m", "celery", "-A", "tests.support.worker_app", "worker",
+        "--pool", "prefork", "--concurrency", str(concurrency), "-Q", queue,
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
+        "--hostname", f"{queue}@localhost", *extra_args,
+    ]
+    if max_tasks_per_child is not None:
+        args += ["--max-tasks-per-child", str(max_tasks_per_child)]
+    full_env = dict(
+        os.environ, BROKER_URL=broker_url, SPAN_FILE=str(span_file), QUEUE=queue,
+        INSTRUMENT_AT=instrument_at, PYTHONPATH=str(ROOT), **(env or {}),
+    )
+    with open(log_file, "wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    handle = _Worker(proc, queue, span_file, log_file)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+class _Worker:
+    def __init__(self, proc: subprocess.Popen[bytes], queue: str, span_file: Path, log_file: Path):
+        self.proc, self.queue, self.span_file, self.log_file = proc, queue, span_file, log_file
+
+    def spans(self) -> list[dict[str, Any]]:
+        return read_spans(self.span_file)
+
+    def wait_spans(self, predicate: Any, timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = predicate(self.spans())
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out; {len(self.spans())} spans in file; worker log tail:\n{self.log()[-3000:]}"
+                )
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM): children exit through billiard's normal path."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

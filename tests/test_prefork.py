@@ -1,0 +1,80 @@
+"""The prefork pool, in a real `celery worker` subprocess: flushed children, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.trace import SpanKind
+
+from tests.conftest import instrument, make_app, wait_for
+from tests.support.prefork import prefork_worker
+from tests.support.raw import publish_raw
+from tests.support.spans import one, span_id, trace_id
+
+P = SpanKind.PRODUCER
+
+
+@pytest.fixture
+def producer_side():
+    instrumentor = instrument()
+    yield
+    instrumentor.uninstrument()
+
+
+def hexid(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+def consumer_for(spans, task_id):
+    found = [s for s in spans if s["kind"] == "CONSUMER"
+             and s["attributes"].get("messaging.message.id") == task_id]
+    assert len(found) <= 1, f"duplicated consumer span for {task_id}"
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("instrument_at", ["import", "process_init"])
+def test_recycled_children_lose_no_span(redis_url, tmp_path, exporter, tracer, producer_side, instrument_at):
+    """--max-tasks-per-child 1: every task's span reaches the exporter although each child exits with os._exit.
+
+    The worker's BatchSpanProcessor waits a minute between exports, so a span is in the
+    file only because the child flushed it at worker_process_shutdown.
+    """
+    with prefork_worker(redis_url, tmp_path, max_tasks_per_child=1, instrument_at=instrument_at) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        with tracer.start_as_current_span("request") as root:
+            results = [t.add.delay(i, i) for i in range(8)]
+        assert [r.get(timeout=60) for r in results] == [2 * i for i in range(8)]
+        spans = w.wait_spans(lambda s: s if all(consumer_for(s, r.id) for r in results) else None)
+        for r in results:
+            consumer = consumer_for(spans, r.id)
+            producer = wait_for(lambda ps, r=r: one(ps, r.id, P))
+            assert consumer["trace_id"] == hexid(trace_id(root), 32)
+            assert consumer["parent_id"] == hexid(span_id(producer), 16)
+            body = [s for s in spans if s["name"] == "add-body" and s["parent_id"] == consumer["span_id"]]
+            assert len(body) == 1
+        assert len({s["pid"] for s in spans if s["kind"] == "CONSUMER"}) == 8
+
+
+def test_prefork_outcomes_and_no_context_leak(redis_url, tmp_path, exporter, tracer, producer_side):
+    """One long-lived child: a traced task, then untraced ones start new traces; failures and Task.throws are told apart."""
+    with prefork_worker(redis_url, tmp_path, concurrency=1) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        with tracer.start_as_current_span("request") as root:
+            traced = t.whoami.delay()
+            failed = t.fail.delay()
+            expected = t.expected.delay()
+        assert traced.get(timeout=60)["trace_id"] == hexid(trace_id(root), 32)
+        raw_ids = [publish_raw(app, "t.whoami", queue=w.queue) for _ in range(3)]
+        seen = [app.AsyncResult(i).get(timeout=60) for i in raw_ids]
+        for result in (failed, expected):
+            with pytest.raises(Exception):
+                result.get(timeout=60)
+        w.stop()  # the child flushes on its way out
+        spans = w.spans()
+    for task_id, body_view in zip(raw_ids, seen):
+        span = consumer_for(spans, task_id)
+        assert span["parent_id"] is None
+        assert body_view["trace_id"] == span["trace_id"] != hexid(trace_id(root), 32)
+    assert consumer_for(spans, failed.id)["status"] == "ERROR"
+    assert consumer_for(spans, failed.id)["attributes"]["error.type"] == "ValueError"
+    assert consumer_for(spans, expected.id)["status"] != "ERROR"
+    assert consumer_for(spans, expected.id)["attributes"]["celery.task.state"] == "FAILURE"
