@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import hypothesis  # noqa: F401 - see below
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
@@ -20,6 +21,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from otel_celery_headers import CeleryHeadersInstrumentor
 from tests.support import servers
 from tests.support.tasks import register
+
+# hypothesis is imported here, at collection, rather than by its pytest plugin at the
+# end of the run: CPython 3.11.7 can fail that late ast.parse with "AST constructor
+# recursion depth mismatch" (python/cpython#106905) after the RabbitMQ tests.
 
 # One SDK for the whole session: the global provider can be set only once. Spans are
 # exported synchronously, so a span is visible the moment it ends.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,27 +14,31 @@ body_tracer = trace.get_tracer("tests.task-body")
 
 
 def register(app: Celery) -> SimpleNamespace:
-    @app.task(name="t.add")
+    # shared=False: Celery otherwise adds every @app.task to all apps created later,
+    # and each test builds its own app.
+    task = functools.partial(app.task, shared=False)
+
+    @task(name="t.add")
     def add(x: int, y: int) -> int:
         # A span the task body creates itself, like a SQL or HTTP client span would.
         with body_tracer.start_as_current_span("add-body"):
             return x + y
 
-    @app.task(name="t.fail")
+    @task(name="t.fail")
     def fail() -> None:
         raise ValueError("boom")
 
-    @app.task(name="t.expected", throws=(KeyError,))
+    @task(name="t.expected", throws=(KeyError,))
     def expected() -> None:
         raise KeyError("expected")
 
-    @app.task(name="t.retry_once", bind=True, max_retries=3)
+    @task(name="t.retry_once", bind=True, max_retries=3)
     def retry_once(self: Any) -> int:
         if self.request.retries < 1:
             raise self.retry(countdown=0)
         return int(self.request.retries)
 
-    @app.task(
+    @task(
         name="t.autoretry", bind=True, autoretry_for=(ValueError,), max_retries=1,
         default_retry_delay=0,
     )
@@ -42,23 +47,23 @@ def register(app: Celery) -> SimpleNamespace:
             raise ValueError("first attempt fails")
         return int(self.request.retries)
 
-    @app.task(name="t.replace_me", bind=True)
+    @task(name="t.replace_me", bind=True)
     def replace_me(self: Any) -> Any:
         raise self.replace(add.s(20, 22))
 
-    @app.task(name="t.publish_child")
+    @task(name="t.publish_child")
     def publish_child() -> str:
         return str(add.delay(2, 3).id)
 
-    @app.task(name="t.ignore_me")
+    @task(name="t.ignore_me")
     def ignore_me() -> None:
         raise Ignore()
 
-    @app.task(name="t.reject_me")
+    @task(name="t.reject_me")
     def reject_me() -> None:
         raise Reject("no", requeue=False)
 
-    @app.task(name="t.whoami")
+    @task(name="t.whoami")
     def whoami() -> dict[str, Any]:
         """What the task body sees as its current context."""
         ctx = trace.get_current_span().get_span_context()
@@ -68,7 +73,7 @@ def register(app: Celery) -> SimpleNamespace:
             "baggage": dict(baggage.get_all()),
         }
 
-    @app.task(name="t.header", bind=True)
+    @task(name="t.header", bind=True)
     def header(self: Any, key: str) -> Any:
         """A header as the task sees it: top level, or among the custom headers."""
         value = getattr(self.request, key, None)
@@ -76,19 +81,19 @@ def register(app: Celery) -> SimpleNamespace:
             value = self.request.headers.get(key)
         return value
 
-    @app.task(name="t.on_error")
+    @task(name="t.on_error")
     def on_error(task_id: str) -> str:
         """An error callback of arity one: Celery publishes it (wider ones run inline)."""
         return task_id
 
-    @app.task(name="t.sleep")
+    @task(name="t.sleep")
     def sleep(seconds: float) -> float:
         import time
 
         time.sleep(seconds)
         return seconds
 
-    @app.task(name="t.collect")
+    @task(name="t.collect")
     def collect(values: list[int]) -> int:
         return sum(values)
 
