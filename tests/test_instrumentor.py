@@ -9,6 +9,7 @@ import wrapt
 from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
+from celery.worker.request import Request
 from kombu.exceptions import OperationalError
 from opentelemetry import trace
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
@@ -20,16 +21,19 @@ from tests.support import servers
 from tests.support.spans import by_message, one, parent_id, span_id, trace_id
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
-OURS = ("otel_celery_headers.publish", "otel_celery_headers.prerun", "otel_celery_headers.postrun",
-        "otel_celery_headers.flush")
+SIGNALS = (
+    signals.before_task_publish, signals.task_prerun, signals.task_postrun,
+    signals.worker_process_shutdown, signals.task_failure, signals.task_revoked,
+    signals.task_unknown, signals.task_rejected,
+)
 
 
 def our_receivers() -> int:
-    count = 0
-    for signal in (signals.before_task_publish, signals.task_prerun, signals.task_postrun,
-                   signals.worker_process_shutdown):
-        count += sum(1 for key, _ in signal.receivers if key[0] in OURS)
-    return count
+    """How many receivers we have connected, over every signal we use."""
+    return sum(
+        1 for signal in SIGNALS for key, _ in signal.receivers
+        if isinstance(key[0], str) and key[0].startswith("otel_celery_headers.")
+    )
 
 
 def wrapped(owner: type, name: str) -> bool:
@@ -43,13 +47,15 @@ def test_instrument_uninstrument_are_exact_mirrors():
     instrumentor.instrument(tracer_provider=PROVIDER)
     instrumentor.instrument(tracer_provider=PROVIDER)  # harmless
     assert wrapped(Task, "apply_async") and wrapped(Celery, "send_task")
+    assert wrapped(Request, "on_failure") and wrapped(Request, "on_timeout")
     assert not isinstance(vars(Task)["apply_async"].__wrapped__, wrapt.FunctionWrapper)
-    assert our_receivers() == 4
+    assert our_receivers() == 8
     instrumentor.uninstrument()
     instrumentor.uninstrument()  # harmless
     assert not wrapped(Task, "apply_async") and not wrapped(Celery, "send_task") and our_receivers() == 0
+    assert not wrapped(Request, "on_failure") and not wrapped(Request, "on_timeout")
     instrumentor.instrument(tracer_provider=PROVIDER)
-    assert wrapped(Task, "apply_async") and our_receivers() == 4
+    assert wrapped(Task, "apply_async") and our_receivers() == 8
     instrumentor.uninstrument()
     assert not wrapped(Task, "apply_async") and our_receivers() == 0
 

@@ -48,12 +48,23 @@ def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
     return None
 
 
+def get_field(carrier: object, key: str) -> Any:
+    """``carrier[key]`` for a mapping of headers, ``carrier.key`` for a request."""
+    if isinstance(carrier, Mapping):
+        return carrier.get(key)
+    return getattr(carrier, key, None)
+
+
 def find_header(request: object, key: str) -> str | None:
-    """Return the string value of header ``key`` on a Celery request, or None."""
-    value = _str_or_none(getattr(request, key, None))
+    """Return the string value of header ``key``, or None.
+
+    ``request`` is a ``task.request`` (attributes) or, in the worker's main process, a
+    message's headers or a ``Request.request_dict`` (a mapping of the same keys).
+    """
+    value = _str_or_none(get_field(request, key))
     if value is not None:
         return value
-    custom = getattr(request, "headers", None)
+    custom = get_field(request, "headers")
     if isinstance(custom, Mapping):
         value = _str_or_none(custom.get(key))
         if value is not None:
@@ -63,7 +74,7 @@ def find_header(request: object, key: str) -> str | None:
             value = _str_or_none(nested.get(key))
             if value is not None:
                 return value
-    seed = getattr(request, SEED_CARRIER_KEY, None)
+    seed = get_field(request, SEED_CARRIER_KEY)
     if not isinstance(seed, Mapping):
         seed = _nested(custom, SEED_CARRIER_KEY)
     if seed is not None:
@@ -72,7 +83,7 @@ def find_header(request: object, key: str) -> str | None:
 
 
 class RequestGetter(Getter[Any]):
-    """Reads propagation fields from a ``celery.app.task.Context`` (``task.request``)."""
+    """Reads propagation fields from ``task.request`` or a mapping of message headers."""
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
         value = find_header(carrier, key)
@@ -80,11 +91,12 @@ class RequestGetter(Getter[Any]):
 
     def keys(self, carrier: Any) -> list[str]:
         found: list[str] = []
-        custom = getattr(carrier, "headers", None)
+        custom = get_field(carrier, "headers")
         for source in (
+            carrier if isinstance(carrier, Mapping) else None,
             custom,
             _nested(custom, NESTED_CARRIER_KEY),
-            getattr(carrier, SEED_CARRIER_KEY, None),
+            get_field(carrier, SEED_CARRIER_KEY),
         ):
             if isinstance(source, Mapping):
                 found.extend(k for k in source if isinstance(k, str))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import datetime
@@ -54,10 +55,17 @@ _current_execution: ContextVar[_Execution | None] = ContextVar(
 
 
 class Consumer:
-    def __init__(self, tracer: Tracer, options: Options, instruments: Instruments) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        options: Options,
+        instruments: Instruments,
+        after_task: Callable[[], None] | None = None,
+    ) -> None:
         self._tracer = tracer
         self._options = options
         self._instruments = instruments
+        self._after_task = after_task
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task_id is None or task is None:
@@ -76,24 +84,10 @@ class Consumer:
         eager = bool(getattr(request, "is_eager", False))
         inbound = self._inbound(request, eager)
 
-        if shape == "child":
-            base = inbound
-            parent = inbound
-            links: list[Link] | None = None
-        elif shape == "link":
-            # A new trace that still carries the producer's baggage (the official
-            # instrumentation's link mode drops it).
-            remote = trace.get_current_span(inbound).get_span_context()
-            base = trace.set_span_in_context(INVALID_SPAN, inbound)
-            parent = base
-            links = [Link(remote)] if remote.is_valid else None
-        else:  # "ignore": the inbound context is not trusted at all
-            base = parent = Context()
-            links = None
+        base, parent, links = relate(inbound, shape)
 
         system = attrs.messaging_system(task.app)
-        delivery = getattr(request, "delivery_info", None) or {}
-        destination = delivery.get("routing_key") or delivery.get("exchange") or ""
+        destination = destination_of(getattr(request, "delivery_info", None))
         metric_attributes = {
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
@@ -151,14 +145,7 @@ class Consumer:
 
     @staticmethod
     def _inbound(request: Any, eager: bool) -> Context:
-        # A fresh Context, never the thread's current one: a worker thread must not
-        # hand one task's context to the next (solo, threads and gevent pools reuse
-        # threads and greenlets).
-        try:
-            inbound = propagate.extract(request, context=Context(), getter=_GETTER)
-        except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
-            report("extract", exc)
-            inbound = Context()
+        inbound = extract(request)
         if eager and not trace.get_current_span(inbound).get_span_context().is_valid:
             # apply() / task_always_eager: no message, the caller is right here.
             return otel_context.get_current()
@@ -183,6 +170,8 @@ class Consumer:
             report("task_postrun detach", exc)
         try:
             self._finish(execution, task, state, retval)
+            if self._after_task is not None:
+                self._after_task()
         except Exception as exc:  # noqa: BLE001
             report("task_postrun", exc)
 
@@ -196,7 +185,7 @@ class Consumer:
             state = "FAILURE" if failure is not None else None
             retval = failure
         failed = state == "FAILURE" and isinstance(retval, BaseException)
-        exc = _unwrap(retval) if failed else None
+        exc = unwrap(retval) if failed else None
         expected = exc is not None and _is_expected(task, exc)
         if span is not None:
             if state is not None:
@@ -218,7 +207,41 @@ class Consumer:
         self._instruments.processed(time.perf_counter() - execution.started, metric_attributes)
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
+    """(context made current, parent of the span, links) for a trace shape."""
+    if shape == "child":
+        return inbound, inbound, None
+    if shape == "link":
+        # A new trace that still carries the producer's baggage (the official
+        # instrumentation's link mode drops it).
+        remote = trace.get_current_span(inbound).get_span_context()
+        base = trace.set_span_in_context(INVALID_SPAN, inbound)
+        return base, base, [Link(remote)] if remote.is_valid else None
+    # "ignore": the inbound context is not trusted at all.
+    empty = Context()
+    return empty, empty, None
+
+
+def extract(carrier: object) -> Context:
+    """The producer's context from a request or headers; a fresh Context if none.
+
+    Never the thread's current context: a worker thread must not hand one task's
+    context to the next (solo, threads and gevent pools reuse threads and greenlets).
+    """
+    try:
+        return propagate.extract(carrier, context=Context(), getter=_GETTER)
+    except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
+        report("extract", exc)
+        return Context()
+
+
+def destination_of(delivery_info: Any) -> str:
+    if not isinstance(delivery_info, dict):
+        return ""
+    return str(delivery_info.get("routing_key") or delivery_info.get("exchange") or "")
+
+
+def unwrap(exc: BaseException) -> BaseException:
     """billiard wraps exceptions crossing the pool pipe in ExceptionWithTraceback."""
     inner = getattr(exc, "exc", None)
     if type(exc).__name__ == "ExceptionWithTraceback" and isinstance(inner, BaseException):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
+from celery.worker.request import Request
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
@@ -18,6 +19,7 @@ from wrapt import wrap_function_wrapper
 from . import options as options_module
 from .consumer import Consumer
 from .lifecycle import Flusher
+from .mainprocess import MainProcess
 from .metrics import Instruments
 from .package import _instruments
 from .producer import Producer
@@ -27,6 +29,16 @@ logger = logging.getLogger("otel_celery_headers")
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.28.0"
 _UID = "otel_celery_headers."
+_SIGNALS = (
+    signals.before_task_publish,
+    signals.task_prerun,
+    signals.task_postrun,
+    signals.worker_process_shutdown,
+    signals.task_failure,
+    signals.task_revoked,
+    signals.task_unknown,
+    signals.task_rejected,
+)
 
 
 def _official_instrumentor() -> Any | None:
@@ -64,32 +76,48 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "otel_celery_headers", __version__, meter_provider, schema_url=_SCHEMA_URL
         )
         instruments = Instruments.create(meter)
+        flusher = Flusher(
+            tracer_provider,
+            meter_provider,
+            options.flush_timeout_ms,
+            options.child_flush_interval_ms,
+        )
         producer = Producer(tracer, options, instruments)
-        consumer = Consumer(tracer, options, instruments)
-        flusher = Flusher(tracer_provider, meter_provider, options.flush_timeout_ms)
+        consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done)
+        main = MainProcess(tracer, options)
+        self._flusher: Flusher | None = flusher
 
         wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
         wrap_function_wrapper(Celery, "send_task", producer.wrap_send_task)
-        # dispatch_uid: connecting twice replaces, never doubles, a receiver.
-        signals.before_task_publish.connect(
-            producer.on_before_publish, weak=False, dispatch_uid=_UID + "publish"
-        )
-        signals.task_prerun.connect(consumer.on_prerun, weak=False, dispatch_uid=_UID + "prerun")
-        signals.task_postrun.connect(
-            consumer.on_postrun, weak=False, dispatch_uid=_UID + "postrun"
-        )
-        signals.worker_process_shutdown.connect(
-            flusher.on_process_shutdown, weak=False, dispatch_uid=_UID + "flush"
-        )
+        # Main-process outcomes of tasks that never reach task_postrun (mainprocess.py).
+        wrap_function_wrapper(Request, "on_failure", main.wrap_request_handler)
+        wrap_function_wrapper(Request, "on_timeout", main.wrap_request_handler)
+        receivers: list[tuple[Any, Callable[..., None]]] = [
+            (signals.before_task_publish, producer.on_before_publish),
+            (signals.task_prerun, consumer.on_prerun),
+            (signals.task_postrun, consumer.on_postrun),
+            (signals.worker_process_shutdown, flusher.on_process_shutdown),
+            (signals.task_failure, main.on_task_failure),
+            (signals.task_revoked, main.on_task_revoked),
+            (signals.task_unknown, main.on_task_unknown),
+            (signals.task_rejected, main.on_task_rejected),
+        ]
+        for signal, receiver in receivers:
+            # dispatch_uid: connecting twice replaces, never doubles, a receiver.
+            signal.connect(receiver, weak=False, dispatch_uid=_UID + signal.name)
         self._stand_in_for_official()
 
     def _uninstrument(self, **kwargs: Any) -> None:
         unwrap(Task, "apply_async")
         unwrap(Celery, "send_task")
-        signals.before_task_publish.disconnect(dispatch_uid=_UID + "publish")
-        signals.task_prerun.disconnect(dispatch_uid=_UID + "prerun")
-        signals.task_postrun.disconnect(dispatch_uid=_UID + "postrun")
-        signals.worker_process_shutdown.disconnect(dispatch_uid=_UID + "flush")
+        unwrap(Request, "on_failure")
+        unwrap(Request, "on_timeout")
+        for signal in _SIGNALS:
+            signal.disconnect(dispatch_uid=_UID + signal.name)
+        flusher = getattr(self, "_flusher", None)
+        if flusher is not None:
+            flusher.stop()
+            self._flusher = None
         official = _official_instrumentor()
         if official is not None:
             unwrap(official, "_instrument")

@@ -45,6 +45,7 @@ class InstrumentKwargs(TypedDict, total=False):
     process_hook: ProcessHook | None
     max_baggage_bytes: int
     flush_timeout_ms: int
+    child_flush_interval_ms: int
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class Options:
     max_baggage_bytes: int = 8192
     #: How long a pool child waits for its spans to export before it exits.
     flush_timeout_ms: int = 5000
+    #: In a prefork pool child, export at most this often after tasks end, so a
+    #: killed child loses no finished task's span. 0: only flush at child exit.
+    child_flush_interval_ms: int = 200
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -176,7 +180,7 @@ def load(kwargs: Mapping[str, Any]) -> Options:
         if value is not None:
             values[hook] = value
 
-    for number in ("max_baggage_bytes", "flush_timeout_ms"):
+    for number in ("max_baggage_bytes", "flush_timeout_ms", "child_flush_interval_ms"):
         value = kwargs.get(number)
         if value is not None:
             values[number] = _check_count(value)
