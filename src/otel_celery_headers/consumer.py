@@ -28,6 +28,7 @@ from . import attributes as attrs
 from ._guard import report
 from ._outcome import error_type, mark_failed
 from .carrier import SENT_AT_HEADER, RequestGetter, find_header
+from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options, TraceShape
 
@@ -182,6 +183,12 @@ class Consumer:
             # An eager apply(throw=True) re-raises before postrun is sent from a
             # `finally`; the exception in flight is the task's.
             failure = sys.exc_info()[1]
+            if isinstance(failure, (SystemExit, KeyboardInterrupt)) and in_pool_child():
+                # The child is being stopped under the task: billiard turns the
+                # SIGTERM of a hard time limit or `revoke(terminate=True)` into
+                # SystemExit. The main process reports the real outcome in one span
+                # (mainprocess.py); this one is dropped unended so there are not two.
+                return
             state = "FAILURE" if failure is not None else None
             retval = failure
         failed = state == "FAILURE" and isinstance(retval, BaseException)

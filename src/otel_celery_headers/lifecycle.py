@@ -26,13 +26,23 @@ from opentelemetry import metrics, trace
 from ._guard import report
 
 
-def _in_pool_child() -> bool:
-    try:
-        from billiard.process import current_process
+_child_of: dict[int, bool] = {}
 
-        return bool(current_process().name.startswith("ForkPoolWorker"))
-    except Exception:  # noqa: BLE001
-        return False
+
+def in_pool_child() -> bool:
+    """Whether this process is a prefork pool child (cached per pid: forks change it)."""
+    pid = os.getpid()
+    known = _child_of.get(pid)
+    if known is None:
+        try:
+            from billiard.process import current_process
+
+            known = bool(current_process().name.startswith("ForkPoolWorker"))
+        except Exception:  # noqa: BLE001
+            known = False
+        _child_of.clear()
+        _child_of[pid] = known
+    return known
 
 
 class Flusher:
@@ -67,7 +77,7 @@ class Flusher:
             # First task in this process (or first after a fork): decide once.
             self._pid = pid
             self._kick = None
-            if self._interval > 0 and _in_pool_child():
+            if self._interval > 0 and in_pool_child():
                 self._kick = threading.Event()
                 threading.Thread(
                     target=self._loop, args=(self._kick,), name="otel-celery-flush", daemon=True

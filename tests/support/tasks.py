@@ -93,6 +93,13 @@ def register(app: Celery) -> SimpleNamespace:
         time.sleep(seconds)
         return seconds
 
+    @task(name="t.die")
+    def die() -> None:
+        """The pool child vanishes mid-task, as with an OOM kill."""
+        import os
+
+        os._exit(3)
+
     @task(name="t.collect")
     def collect(values: list[int]) -> int:
         return sum(values)
@@ -100,5 +107,5 @@ def register(app: Celery) -> SimpleNamespace:
     return SimpleNamespace(
         add=add, fail=fail, expected=expected, retry_once=retry_once, autoretry=autoretry,
         replace_me=replace_me, publish_child=publish_child, ignore_me=ignore_me,
-        reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, sleep=sleep, collect=collect,
+        reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
     )

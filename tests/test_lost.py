@@ -1,0 +1,136 @@
+"""Tasks that never reach task_postrun still appear in the caller's trace, once."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tests.conftest import instrument, make_app, wait_for, worker
+from tests.support.prefork import prefork_worker
+from tests.support.spans import attr, by_message, one, parent_id, span_id, trace_id
+
+P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
+
+
+def hexid(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+def consumers(spans, task_id):
+    return [s for s in spans if s["kind"] == "CONSUMER"
+            and s["attributes"].get("messaging.message.id") == task_id]
+
+
+@pytest.fixture
+def producer_side():
+    instrumentor = instrument()
+    yield
+    instrumentor.uninstrument()
+
+
+def test_prefork_hard_time_limit_worker_lost_and_terminate(redis_url, tmp_path, exporter, tracer, producer_side):
+    """Hard time limit and a vanished child: one ERROR span each; terminated: one REVOKED span; a task finished before the kill keeps its span."""
+    with prefork_worker(redis_url, tmp_path, concurrency=2) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        with tracer.start_as_current_span("request") as root:
+            before = t.add.delay(1, 1)
+            assert before.get(timeout=60) == 2
+            limited = t.sleep.apply_async((30,), time_limit=1)
+            lost = t.die.delay()
+            running = t.sleep.delay(30)
+        with pytest.raises(TimeLimitExceeded):
+            limited.get(timeout=60)
+        with pytest.raises(WorkerLostError):
+            lost.get(timeout=60)
+        time.sleep(1.5)  # let the sleeping task start before terminating it
+        app.control.revoke(running.id, terminate=True)
+        w.wait_spans(lambda spans: consumers(spans, running.id), timeout=60)
+        w.stop()
+        spans = w.spans()
+
+    root_trace = hexid(trace_id(root), 32)
+    producers = {task_id: wait_for(lambda ps, i=task_id: one(ps, i, P))
+                 for task_id in (before.id, limited.id, lost.id, running.id)}
+
+    (limited_span,) = consumers(spans, limited.id)
+    assert limited_span["status"] == "ERROR"
+    assert limited_span["attributes"]["error.type"].endswith("TimeLimitExceeded")
+    (lost_span,) = consumers(spans, lost.id)
+    assert lost_span["status"] == "ERROR"
+    assert lost_span["attributes"]["error.type"].endswith("WorkerLostError")
+    (terminated,) = consumers(spans, running.id)
+    assert terminated["status"] != "ERROR"
+    assert terminated["attributes"]["celery.task.state"] == "REVOKED"
+    assert terminated["attributes"]["celery.task.revoked.reason"] == "terminated"
+    for task_id, span in ((limited.id, limited_span), (lost.id, lost_span), (running.id, terminated)):
+        assert span["trace_id"] == root_trace
+        assert span["parent_id"] == hexid(span_id(producers[task_id]), 16)
+    (finished,) = consumers(spans, before.id)
+    assert finished["trace_id"] == root_trace and finished["status"] != "ERROR"
+
+
+@pytest.fixture(scope="module")
+def solo(redis_url: str) -> Iterator[SimpleNamespace]:
+    instrumentor = instrument()
+    app, tasks = make_app(redis_url, task_default_queue="lost-solo")
+    try:
+        with worker(app):
+            yield SimpleNamespace(app=app, t=tasks)
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_revoked_before_start_is_a_revoked_span(solo, exporter, tracer):
+    """A task revoked while waiting for its eta gets one span, not an error, in the caller's trace."""
+    with tracer.start_as_current_span("request") as root:
+        result = solo.t.add.apply_async((1, 1), countdown=2)
+    solo.app.control.revoke(result.id)
+    span = wait_for(lambda spans: one(spans, result.id, C), timeout=30)
+    assert attr(span, "celery.task.revoked.reason") == "revoked"
+    assert span.status.status_code != StatusCode.ERROR
+    assert trace_id(span) == trace_id(root)
+    assert parent_id(span) == span_id(one(exporter.get_finished_spans(), result.id, P))
+
+
+def test_expired_task_is_an_expired_span(solo, exporter, tracer):
+    """A task whose expires passed before it ran: one span saying so."""
+    with tracer.start_as_current_span("request") as root:
+        result = solo.t.add.apply_async((1, 1), countdown=2, expires=1)
+    span = wait_for(lambda spans: one(spans, result.id, C), timeout=30)
+    assert attr(span, "celery.task.revoked.reason") == "expired"
+    assert attr(span, "celery.task.state") == "REVOKED"
+    assert trace_id(span) == trace_id(root)
+
+
+def test_unknown_task_is_an_error_span_in_the_callers_trace(solo, exporter, tracer):
+    """send_task to a name no worker knows: an ERROR span under the publish."""
+    with tracer.start_as_current_span("request") as root:
+        result = solo.app.send_task("t.no_such_task", args=(1,), queue="lost-solo")
+    span = wait_for(lambda spans: one(spans, result.id, C), timeout=30)
+    assert span.status.status_code == StatusCode.ERROR
+    assert attr(span, "celery.task.state") == "UNKNOWN"
+    assert trace_id(span) == trace_id(root)
+    assert parent_id(span) == span_id(one(exporter.get_finished_spans(), result.id, P))
+
+
+def test_rejected_message_is_an_error_span(solo, exporter, tracer):
+    """A message that is not a Celery task (no task name) is rejected: one ERROR span in its sender's trace."""
+    with tracer.start_as_current_span("sender") as root:
+        from opentelemetry import propagate
+
+        headers: dict = {}
+        propagate.inject(headers)
+        with solo.app.connection_for_write() as conn:
+            conn.Producer(serializer="json").publish(
+                {"not": "a task"}, routing_key="lost-solo", headers=headers,
+                declare=[solo.app.amqp.queues["lost-solo"]],
+            )
+    span = wait_for(lambda spans: [s for s in spans if s.kind == C and attr(s, "celery.task.state") == "REJECTED"
+                                   and trace_id(s) == trace_id(root)], timeout=30)[0]
+    assert span.status.status_code == StatusCode.ERROR
+    assert len(by_message(exporter.get_finished_spans(), "", C)) == 0
