@@ -10,6 +10,7 @@ from typing import Any
 from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
+from celery.beat import Scheduler
 from celery.worker.request import Request
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
@@ -89,6 +90,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
         wrap_function_wrapper(Celery, "send_task", producer.wrap_send_task)
+        wrap_function_wrapper(Scheduler, "apply_async", producer.wrap_beat_apply_async)
         # Main-process outcomes of tasks that never reach task_postrun (mainprocess.py).
         wrap_function_wrapper(Request, "on_failure", main.wrap_request_handler)
         wrap_function_wrapper(Request, "on_timeout", main.wrap_request_handler)
@@ -110,6 +112,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _uninstrument(self, **kwargs: Any) -> None:
         unwrap(Task, "apply_async")
         unwrap(Celery, "send_task")
+        unwrap(Scheduler, "apply_async")
         unwrap(Request, "on_failure")
         unwrap(Request, "on_timeout")
         for signal in _SIGNALS:

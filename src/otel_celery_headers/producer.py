@@ -50,6 +50,9 @@ class _Publish:
 # is ours to annotate (the current span may be a web request's or a task's).
 _current_publish: ContextVar[_Publish | None] = ContextVar("otel_celery_publish", default=None)
 
+# The `celery beat` schedule entry being sent, named on its publish span.
+_beat_entry: ContextVar[str | None] = ContextVar("otel_celery_beat_entry", default=None)
+
 
 class Producer:
     def __init__(self, tracer: Tracer, options: Options, instruments: Instruments) -> None:
@@ -95,17 +98,39 @@ class Producer:
             return wrapped(*args, **kwargs)
         return self._run(publish, wrapped, args, kwargs)
 
+    def wrap_beat_apply_async(
+        self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        """``celery beat`` sends a due entry: one new trace per entry, named after it."""
+        try:
+            entry = args[0] if args else kwargs.get("entry")
+            name = getattr(entry, "name", None)
+        except Exception as exc:  # noqa: BLE001
+            report("beat apply_async", exc)
+            name = None
+        # A fresh root context: whatever runs beat (`worker -B`, an embedding app)
+        # must not become the parent of every periodic task.
+        activation = otel_context.attach(otel_context.Context())
+        marker = _beat_entry.set(str(name) if name is not None else None)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            _beat_entry.reset(marker)
+            otel_context.detach(activation)
+
     def _start(self, name: str, app: Any) -> _Publish:
         system = attrs.messaging_system(app)
+        attributes = {
+            attrs.MESSAGING_SYSTEM: system,
+            attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_SEND,
+            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
+            attrs.CELERY_TASK_NAME: name,
+        }
+        entry = _beat_entry.get()
+        if entry is not None:
+            attributes[attrs.CELERY_BEAT_ENTRY] = entry
         span = self._tracer.start_span(
-            f"{attrs.OPERATION_SEND} {name}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                attrs.MESSAGING_SYSTEM: system,
-                attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_SEND,
-                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-                attrs.CELERY_TASK_NAME: name,
-            },
+            f"{attrs.OPERATION_SEND} {name}", kind=SpanKind.PRODUCER, attributes=attributes
         )
         return _Publish(
             span,
