@@ -214,18 +214,6 @@ def test_replace_continues_the_trace(env, exporter, tracer):
     assert len(publish) == 1 and parent_id(replacement) == span_id(publish[0])
 
 
-def test_countdown_and_eta_keep_the_trace_and_measure_queue_time_from_eta(env, exporter, tracer):
-    """A delayed task is in the trace, and its queue time does not count the delay."""
-    with tracer.start_as_current_span("request") as root:
-        result = env.t.add.apply_async((1, 1), countdown=1)
-    assert result.get(timeout=TIMEOUT) == 2
-    producer, consumer_span = pair(result.id)
-    assert_linked(root, producer, consumer_span)
-    assert attr(consumer_span, "celery.task.eta")
-    queue_time = attr(consumer_span, "celery.message.queue_time")
-    assert queue_time is not None and 0 <= queue_time < 0.9
-
-
 def test_task_published_inside_a_worker_continues_the_running_trace(env, exporter, tracer):
     """A task's own .delay() publishes under the task's span."""
     with tracer.start_as_current_span("request") as root:

@@ -78,3 +78,24 @@ def test_prefork_outcomes_and_no_context_leak(redis_url, tmp_path, exporter, tra
     assert consumer_for(spans, failed.id)["attributes"]["error.type"] == "ValueError"
     assert consumer_for(spans, expected.id)["status"] != "ERROR"
     assert consumer_for(spans, expected.id)["attributes"]["celery.task.state"] == "FAILURE"
+
+
+def test_countdown_keeps_the_trace_and_queue_time_starts_at_the_eta(redis_url, tmp_path, exporter, tracer, producer_side):
+    """A task with a countdown is in the caller's trace; its time in queue excludes the countdown.
+
+    (A subprocess worker: Celery 5.3's in-process test worker runs no ETA task once an
+    earlier one has stopped in the same process.)
+    """
+    with prefork_worker(redis_url, tmp_path, concurrency=1) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        with tracer.start_as_current_span("request") as root:
+            delayed = t.add.apply_async((1, 1), countdown=2)
+        assert delayed.get(timeout=60) == 2
+        w.stop()
+        spans = w.spans()
+    producer = wait_for(lambda ps: one(ps, delayed.id, P))
+    consumer = consumer_for(spans, delayed.id)
+    assert consumer["trace_id"] == hexid(trace_id(root), 32)
+    assert consumer["parent_id"] == hexid(span_id(producer), 16)
+    assert consumer["attributes"]["celery.task.eta"]
+    assert 0 <= consumer["attributes"]["celery.message.queue_time"] < 1.5

@@ -51,6 +51,13 @@ class _Worker:
     def __init__(self, proc: subprocess.Popen[bytes], queue: str, span_file: Path, log_file: Path):
         self.proc, self.queue, self.span_file, self.log_file = proc, queue, span_file, log_file
 
+    def wait_ready(self, app: Any, timeout: float = 60) -> None:
+        """Until the worker answers a ping: remote control (revoke) reaches only live workers."""
+        deadline = time.monotonic() + timeout
+        while not app.control.ping(destination=[f"{self.queue}@localhost"], timeout=0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready; log tail:\n{self.log()[-3000:]}")
+
     def spans(self) -> list[dict[str, Any]]:
         return read_spans(self.span_file)
 
