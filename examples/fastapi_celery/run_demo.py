@@ -270,6 +270,7 @@ def run(args: argparse.Namespace, stack: ExitStack, processes: list[Process]) ->
     # its gRPC server runs threads, and forking a process with gRPC threads
     # (as Popen does) makes grpcio log warnings.
     protocol = args.protocol
+    max_tasks_per_child = args.max_tasks_per_child
     user_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT")
     receiver: OTLPReceiver | None = None
@@ -318,7 +319,8 @@ def run(args: argparse.Namespace, stack: ExitStack, processes: list[Process]) ->
          "--pool", "prefork", "--concurrency", "2", "--loglevel", "INFO",
          "--hostname", f"orders-worker-{api_port}@%h",
          "--without-gossip", "--without-mingle", "--without-heartbeat",
-         "--purge"],  # drop messages an interrupted earlier run left in the queue
+         "--purge",  # drop messages an interrupted earlier run left in the queue
+         *(["--max-tasks-per-child", str(max_tasks_per_child)] if max_tasks_per_child else [])],
         workdir / "worker.log", dict(env, OTEL_SERVICE_NAME="orders-worker"), workdir)
     stack.callback(worker.stop)
     processes.append(worker)
@@ -426,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a complete trace is printed once no span of it arrived "
                              "for this long")
     parser.add_argument("--verbose", action="store_true", help="print the process logs at the end")
+    parser.add_argument("--max-tasks-per-child", type=int, default=0,
+                        help="recycle each pool child after this many tasks (0: never)")
     args = parser.parse_args(argv)
 
     def terminate(signum: int, _frame: Any) -> None:
