@@ -107,6 +107,13 @@ def test_beside_the_official_instrumentation_one_span_each(redis_url, exporter, 
     finally:
         ours.uninstrument()
         official.uninstrument()
+    # Once we are gone, the official instrumentation can be switched on for real.
+    before = len(signals.task_prerun.receivers)
+    official.instrument(tracer_provider=PROVIDER)
+    try:
+        assert len(signals.task_prerun.receivers) == before + 1
+    finally:
+        official.uninstrument()
 
 
 def test_eager_mode_span_is_a_child_of_the_caller(exporter, tracer):

@@ -15,6 +15,7 @@ def error_type(exc: BaseException) -> str:
 
 
 def mark_failed(span: Span, exc: BaseException) -> None:
-    span.record_exception(exc)
+    # escaped: the exception left the publish or the task body (it reaches the caller).
+    span.record_exception(exc, escaped=True)
     span.set_attribute(ERROR_TYPE, error_type(exc))
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

@@ -50,7 +50,14 @@ def _official_instrumentor() -> Any | None:
     return CeleryInstrumentor
 
 
+# Whether the official instrumentor's instrument() was turned into a no-op by us: its
+# BaseInstrumentor flag then says "instrumented" although nothing was connected.
+_official_skipped = False
+
+
 def _skip_official(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> None:
+    global _official_skipped
+    _official_skipped = True
     logger.info(
         "otel-celery-headers is active: opentelemetry-instrumentation-celery stands "
         "down so each message gets one producer and one consumer span"
@@ -124,6 +131,12 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         official = _official_instrumentor()
         if official is not None:
             unwrap(official, "_instrument")
+            global _official_skipped
+            if _official_skipped:
+                # Its instrument() did nothing while we stood in: clear its flag so a
+                # later instrument() of it really instruments.
+                official()._is_instrumented_by_opentelemetry = False
+                _official_skipped = False
 
     @staticmethod
     def _stand_in_for_official() -> None:
