@@ -48,23 +48,16 @@ def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
     return None
 
 
-def get_field(carrier: object, key: str) -> Any:
-    """``carrier[key]`` for a mapping of headers, ``carrier.key`` for a request."""
-    if isinstance(carrier, Mapping):
-        return carrier.get(key)
-    return getattr(carrier, key, None)
-
-
 def find_header(request: object, key: str) -> str | None:
-    """Return the string value of header ``key``, or None.
+    """Return the string value of header ``key`` on a Celery request, or None.
 
-    ``request`` is a ``task.request`` (attributes) or, in the worker's main process, a
-    message's headers or a ``Request.request_dict`` (a mapping of the same keys).
+    The worker's main process passes message headers wrapped in a SimpleNamespace, so
+    everything here reads attributes, the shape of ``task.request``.
     """
-    value = _str_or_none(get_field(request, key))
+    value = _str_or_none(getattr(request, key, None))
     if value is not None:
         return value
-    custom = get_field(request, "headers")
+    custom = getattr(request, "headers", None)
     if isinstance(custom, Mapping):
         value = _str_or_none(custom.get(key))
         if value is not None:
@@ -74,7 +67,7 @@ def find_header(request: object, key: str) -> str | None:
             value = _str_or_none(nested.get(key))
             if value is not None:
                 return value
-    seed = get_field(request, SEED_CARRIER_KEY)
+    seed = getattr(request, SEED_CARRIER_KEY, None)
     if not isinstance(seed, Mapping):
         seed = _nested(custom, SEED_CARRIER_KEY)
     if seed is not None:
@@ -83,7 +76,7 @@ def find_header(request: object, key: str) -> str | None:
 
 
 class RequestGetter(Getter[Any]):
-    """Reads propagation fields from ``task.request`` or a mapping of message headers."""
+    """Reads propagation fields from ``task.request`` (see ``find_header``)."""
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
         value = find_header(carrier, key)
@@ -91,12 +84,11 @@ class RequestGetter(Getter[Any]):
 
     def keys(self, carrier: Any) -> list[str]:
         found: list[str] = []
-        custom = get_field(carrier, "headers")
+        custom = getattr(carrier, "headers", None)
         for source in (
-            carrier if isinstance(carrier, Mapping) else None,
             custom,
             _nested(custom, NESTED_CARRIER_KEY),
-            get_field(carrier, SEED_CARRIER_KEY),
+            getattr(carrier, SEED_CARRIER_KEY, None),
         ):
             if isinstance(source, Mapping):
                 found.extend(k for k in source if isinstance(k, str))

@@ -108,18 +108,8 @@ class Consumer:
             attrs.MESSAGING_DESTINATION_NAME: destination,
             attrs.MESSAGING_MESSAGE_ID: task_id,
             attrs.CELERY_TASK_NAME: name,
-            attrs.CELERY_TASK_RETRIES: int(getattr(request, "retries", 0) or 0),
         }
-        for key, attr in (
-            ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
-            ("parent_id", attrs.CELERY_TASK_PARENT_ID),
-            ("group", attrs.CELERY_TASK_GROUP_ID),
-            ("hostname", attrs.CELERY_WORKER_HOSTNAME),
-            ("eta", attrs.CELERY_TASK_ETA),
-        ):
-            value = getattr(request, key, None)
-            if isinstance(value, str):
-                span_attributes[attr] = value
+        request_attributes(request, span_attributes)
         if eager:
             span_attributes[attrs.CELERY_TASK_EAGER] = True
         if shape != "child":
@@ -240,6 +230,25 @@ def extract(carrier: object) -> Context:
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()
+
+
+_FROM_REQUEST = (
+    ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
+    ("parent_id", attrs.CELERY_TASK_PARENT_ID),
+    ("group", attrs.CELERY_TASK_GROUP_ID),
+    ("hostname", attrs.CELERY_WORKER_HOSTNAME),
+    ("eta", attrs.CELERY_TASK_ETA),
+)
+
+
+def request_attributes(request: Any, into: dict[str, Any]) -> None:
+    """Celery facts of a ``task.request`` (or a message's headers) as span attributes."""
+    for key, attr in _FROM_REQUEST:
+        value = getattr(request, key, None)
+        if isinstance(value, str):
+            into[attr] = value
+    retries = getattr(request, "retries", 0)
+    into[attrs.CELERY_TASK_RETRIES] = retries if isinstance(retries, int) else 0
 
 
 def destination_of(delivery_info: Any) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from types import SimpleNamespace
 from typing import Any
 
 from opentelemetry.trace import SpanKind, Tracer
@@ -29,8 +30,7 @@ from opentelemetry.trace import SpanKind, Tracer
 from . import attributes as attrs
 from ._guard import report
 from ._outcome import mark_failed
-from .carrier import get_field
-from .consumer import destination_of, extract, relate, unwrap
+from .consumer import destination_of, extract, relate, request_attributes, unwrap
 from .options import Options
 
 # The Celery Request whose main-process failure handler is running in this context.
@@ -74,7 +74,7 @@ class MainProcess:
                 task_id,
                 str(getattr(sender, "name", None) or getattr(request, "name", "unknown")),
                 getattr(sender, "app", None),
-                request.request_dict,
+                SimpleNamespace(**request.request_dict),
                 start=getattr(request, "time_start", None),
                 state="FAILURE",
                 failure=exc,
@@ -126,39 +126,41 @@ class MainProcess:
         id: str | None = None,  # noqa: A002 - Celery's keyword
         **_: Any,
     ) -> None:
-        try:
-            headers = getattr(message, "headers", None) or {}
-            task_id = id or headers.get("id")
-            if not isinstance(task_id, str):
-                return
-            self._emit(
-                task_id,
-                str(name or headers.get("task") or "unknown"),
-                getattr(sender, "app", None),
-                headers,
-                delivery=getattr(message, "delivery_info", None),
-                state="UNKNOWN",
-                failure=exc if isinstance(exc, BaseException) else LookupError(f"unknown task {name!r}"),
-            )
-        except Exception as inner:  # noqa: BLE001
-            report("task_unknown", inner)
+        failure = exc if isinstance(exc, BaseException) else LookupError(f"unknown task {name!r}")
+        self._emit_for_message("task_unknown", sender, message, "UNKNOWN", failure, name, id)
 
-    def on_task_rejected(self, sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+    def on_task_rejected(
+        self, sender: Any = None, message: Any = None, exc: Any = None, **_: Any
+    ) -> None:
+        failure = exc if isinstance(exc, BaseException) else ValueError("invalid task message")
+        self._emit_for_message("task_rejected", sender, message, "REJECTED", failure)
+
+    def _emit_for_message(
+        self,
+        where: str,
+        sender: Any,
+        message: Any,
+        state: str,
+        failure: BaseException,
+        name: str | None = None,
+        task_id: str | None = None,
+    ) -> None:
+        """A message that never became a task: its headers are all we have."""
         try:
             headers = getattr(message, "headers", None)
-            headers = headers if isinstance(headers, Mapping) else {}
-            task_id = headers.get("id")
+            carrier = SimpleNamespace(**headers) if isinstance(headers, Mapping) else SimpleNamespace()
+            task_id = task_id or getattr(carrier, "id", None)
             self._emit(
                 task_id if isinstance(task_id, str) else "",
-                str(headers.get("task") or "unknown"),
+                str(name or getattr(carrier, "task", None) or "unknown"),
                 getattr(sender, "app", None),
-                headers,
+                carrier,
                 delivery=getattr(message, "delivery_info", None),
-                state="REJECTED",
-                failure=exc if isinstance(exc, BaseException) else ValueError("invalid task message"),
+                state=state,
+                failure=failure,
             )
         except Exception as inner:  # noqa: BLE001
-            report("task_rejected", inner)
+            report(where, inner)
 
     # -- the span ---------------------------------------------------------------------
 
@@ -187,7 +189,7 @@ class MainProcess:
             return
         _, parent, links = relate(extract(carrier), shape)
         if delivery is None:
-            delivery = get_field(carrier, "delivery_info")
+            delivery = getattr(carrier, "delivery_info", None)
         attributes: dict[str, Any] = {
             attrs.MESSAGING_SYSTEM: attrs.messaging_system(app) if app is not None else "unknown",
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,
@@ -198,18 +200,7 @@ class MainProcess:
         }
         if task_id:
             attributes[attrs.MESSAGING_MESSAGE_ID] = task_id
-        for key, attr in (
-            ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
-            ("parent_id", attrs.CELERY_TASK_PARENT_ID),
-            ("group", attrs.CELERY_TASK_GROUP_ID),
-            ("hostname", attrs.CELERY_WORKER_HOSTNAME),
-        ):
-            value = get_field(carrier, key)
-            if isinstance(value, str):
-                attributes[attr] = value
-        retries = get_field(carrier, "retries")
-        if isinstance(retries, int):
-            attributes[attrs.CELERY_TASK_RETRIES] = retries
+        request_attributes(carrier, attributes)
         if extra:
             attributes.update(extra)
         start_ns = int(start * 1e9) if isinstance(start, (int, float)) and start > 0 else None

@@ -68,32 +68,39 @@ class Producer:
     def wrap_apply_async(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
-        if _current_publish.get() is not None:
-            return wrapped(*args, **kwargs)
-        publish = None
-        try:
-            app = instance._get_app()
-            # Eager mode runs the task inline and publishes nothing: the task's own
-            # CONSUMER span is then a child of the caller (see consumer.py).
-            if not app.conf.task_always_eager:
-                publish = self._start(instance.name, app)
-        except Exception as exc:  # noqa: BLE001
-            report("apply_async", exc)
-        if publish is None:
-            return wrapped(*args, **kwargs)
-        return self._run(publish, wrapped, args, kwargs)
+        return self._traced(wrapped, args, kwargs, "apply_async", self._start_apply_async, instance)
 
     def wrap_send_task(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
+        name = args[0] if args else kwargs.get("name")
+        return self._traced(wrapped, args, kwargs, "send_task", self._start, str(name), instance)
+
+    def _start_apply_async(self, task: Any) -> _Publish | None:
+        app = task._get_app()
+        # Eager mode runs the task inline and publishes nothing: the task's own
+        # CONSUMER span is then a child of the caller (see consumer.py).
+        if app.conf.task_always_eager:
+            return None
+        return self._start(task.name, app)
+
+    def _traced(
+        self,
+        wrapped: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        where: str,
+        start: Callable[..., _Publish | None],
+        *start_args: Any,
+    ) -> Any:
+        # Already inside a traced publish (apply_async -> send_task): one span only.
         if _current_publish.get() is not None:
             return wrapped(*args, **kwargs)
-        publish = None
         try:
-            name = args[0] if args else kwargs.get("name")
-            publish = self._start(str(name), instance)
+            publish = start(*start_args)
         except Exception as exc:  # noqa: BLE001
-            report("send_task", exc)
+            report(where, exc)
+            publish = None
         if publish is None:
             return wrapped(*args, **kwargs)
         return self._run(publish, wrapped, args, kwargs)
