@@ -196,6 +196,10 @@ def test_retry_attempts_each_get_a_span_in_the_same_trace(env, exporter, tracer,
                      if parent_id(s) == span_id(first)]
     assert len(retry_publish) == 1
     assert parent_id(second) == span_id(retry_publish[0])
+    # ...and it links straight to the attempt before it.
+    assert [(link.context.span_id, link.attributes["celery.link"]) for link in second.links] == [
+        (span_id(first), "previous_attempt")]
+    assert not first.links
 
 
 def test_replace_continues_the_trace(env, exporter, tracer):

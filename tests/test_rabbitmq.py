@@ -54,6 +54,8 @@ def test_retry_and_chain_over_rabbitmq(env, exporter, tracer):
     assert retried.get(timeout=20) == 1 and chained.get(timeout=20) == 3
     attempts = wait_for(lambda spans: (lambda f: f if len(f) == 2 else None)(by_message(spans, retried.id, C)))
     assert {trace_id(s) for s in attempts} == {trace_id(root)}
+    first, second = sorted(attempts, key=lambda s: attr(s, "celery.task.retries"))
+    assert [link.context.span_id for link in second.links] == [span_id(first)]
     assert trace_id(wait_for(lambda spans: one(spans, chained.id, C))) == trace_id(root)
 
 

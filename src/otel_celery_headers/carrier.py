@@ -30,6 +30,10 @@ from opentelemetry.propagators.textmap import Getter, Setter
 #: exactly, and the official instrumentation ignores it.
 SENT_AT_HEADER = "otel_celery_sent_at"
 
+#: On a retry's message: ``<trace id>-<span id>`` of the attempt that asked for it, so
+#: the next attempt's span links to the previous one.
+PREVIOUS_ATTEMPT_HEADER = "otel_celery_previous_attempt"
+
 #: The seed article's nested carrier.
 SEED_CARRIER_KEY = "otel_context"
 #: Sentry's and Datadog's nested carrier.

@@ -22,12 +22,20 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Tracer
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    Tracer,
+)
 
 from . import attributes as attrs
 from ._guard import report
 from ._outcome import error_type, mark_failed
-from .carrier import SENT_AT_HEADER, RequestGetter, find_header
+from .carrier import PREVIOUS_ATTEMPT_HEADER, SENT_AT_HEADER, RequestGetter, find_header
 from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options, TraceShape
@@ -86,6 +94,11 @@ class Consumer:
         inbound = self._inbound(request, eager)
 
         base, parent, links = relate(inbound, shape)
+        retries: object = getattr(request, "retries", 0)
+        if retries and shape != "ignore":
+            previous = _previous_attempt(request)
+            if previous is not None:
+                links = [*(links or ()), previous]
 
         system = attrs.messaging_system(task.app)
         destination = destination_of(getattr(request, "delivery_info", None))
@@ -255,6 +268,37 @@ def destination_of(delivery_info: Any) -> str:
     if not isinstance(delivery_info, dict):
         return ""
     return str(delivery_info.get("routing_key") or delivery_info.get("exchange") or "")
+
+
+def attempt_context(task_id: object) -> SpanContext | None:
+    """The span context of the running execution of ``task_id``, if this is inside it.
+
+    A task that retries (or replaces itself) publishes a message with its own id from
+    inside its execution; producer.py then records this attempt on the new message.
+    """
+    execution = _current_execution.get()
+    if execution is None or execution.span is None or execution.task_id != task_id:
+        return None
+    return execution.span.get_span_context()
+
+
+def _previous_attempt(request: Any) -> Link | None:
+    value = find_header(request, PREVIOUS_ATTEMPT_HEADER)
+    if value is None:
+        return None
+    trace_hex, _, span_hex = value.partition("-")
+    try:
+        context = SpanContext(
+            trace_id=int(trace_hex, 16),
+            span_id=int(span_hex, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    except ValueError:
+        return None
+    if not context.is_valid:
+        return None
+    return Link(context, {"celery.link": "previous_attempt"})
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -27,7 +27,14 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 from . import attributes as attrs
 from ._guard import report
 from ._outcome import error_type, mark_failed
-from .carrier import SENT_AT_HEADER, HeaderSetter, bound_baggage, drop_fields
+from .carrier import (
+    PREVIOUS_ATTEMPT_HEADER,
+    SENT_AT_HEADER,
+    HeaderSetter,
+    bound_baggage,
+    drop_fields,
+)
+from .consumer import attempt_context
 from .metrics import Instruments
 from .options import Options
 
@@ -215,6 +222,9 @@ class Producer:
         if isinstance(baggage, str) and len(baggage) > self._options.max_baggage_bytes:
             self._bound_baggage(headers, baggage)
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
+        attempt = attempt_context(headers.get("id"))
+        if attempt is not None:
+            headers[PREVIOUS_ATTEMPT_HEADER] = f"{attempt.trace_id:032x}-{attempt.span_id:016x}"
 
     def _propagation_fields(self, textmap: TextMapPropagator) -> frozenset[str]:
         # CompositePropagator.fields builds a new set on every call: cache it for the
