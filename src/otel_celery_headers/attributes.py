@@ -74,8 +74,17 @@ _SYSTEMS: Final[dict[str, str]] = {
 _system_by_app: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
+# The last app asked about: a process publishes and works through one app almost
+# always, and a WeakKeyDictionary lookup makes a weakref on every call.
+_last: tuple[Any, str] = (None, "")
+
+
 def messaging_system(app: Any) -> str:
     """The broker kind of ``app``, from its broker URL scheme (cached per app)."""
+    global _last
+    last_app, last_system = _last
+    if app is last_app:
+        return last_system
     try:
         system = _system_by_app.get(app)
     except TypeError:  # not weak-referenceable: compute every time
@@ -90,5 +99,7 @@ def messaging_system(app: Any) -> str:
         try:
             _system_by_app[app] = system
         except TypeError:
-            pass
+            return system
+    # A strong reference to one app: apps live as long as the process anyway.
+    _last = (app, system)
     return system

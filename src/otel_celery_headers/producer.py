@@ -80,6 +80,8 @@ class Producer:
     def wrap_send_task(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
+        if _current_publish.get() is not None:  # inside apply_async: already traced
+            return wrapped(*args, **kwargs)
         name = args[0] if args else kwargs.get("name")
         return self._traced(wrapped, args, kwargs, "send_task", self._start, str(name), instance)
 
@@ -213,10 +215,11 @@ class Producer:
     def _inject(self, headers: MutableMapping[str, Any]) -> None:
         ctx = otel_context.get_current()
         textmap = propagate.get_global_textmap()
-        if trace.get_current_span(ctx).get_span_context().is_valid:
+        fields = self._propagation_fields(textmap)
+        if not fields.isdisjoint(headers) and trace.get_current_span(ctx).get_span_context().is_valid:
             # A retry or replace republishes the previous message's headers: remove
             # that stale context so nothing of the old one survives our injection.
-            drop_fields(headers, self._propagation_fields(textmap))
+            drop_fields(headers, fields)
         textmap.inject(headers, context=ctx, setter=_SETTER)
         baggage = headers.get("baggage")
         if isinstance(baggage, str) and len(baggage) > self._options.max_baggage_bytes:
