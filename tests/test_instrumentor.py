@@ -133,6 +133,40 @@ def test_eager_mode_span_is_a_child_of_the_caller(exporter, tracer):
         instrumentor.uninstrument()
 
 
+def test_eager_task_publishing_for_real_gets_its_own_publish_span(exporter, tracer):
+    """A real publish (send_task) from inside an eager task is traced, under the task's span."""
+    instrumentor = instrument()
+    try:
+        app, t = make_app("memory://", backend="cache+memory://", task_always_eager=True)
+        with tracer.start_as_current_span("request") as root:
+            sent_id = t.send_by_name.delay().get()
+        spans = exporter.get_finished_spans()
+        (task_span,) = [s for s in spans if s.kind == C]
+        producer = one(spans, sent_id, P)
+        assert producer is not None and producer.name == "send t.add"
+        assert parent_id(producer) == span_id(task_span)
+        assert trace_id(producer) == trace_id(root)
+    finally:
+        instrumentor.uninstrument()
+
+
+def test_eager_propagated_failure_has_no_publish_span(exporter, tracer):
+    """task_eager_propagates: the user's exception comes back through delay(), with no PRODUCER span."""
+    instrumentor = instrument()
+    try:
+        app, t = make_app("memory://", backend="cache+memory://", task_always_eager=True,
+                          task_eager_propagates=True)
+        with tracer.start_as_current_span("request"):
+            with pytest.raises(ValueError, match="boom"):
+                t.fail.delay()
+        spans = exporter.get_finished_spans()
+        assert not [s for s in spans if s.kind == P]
+        (span,) = [s for s in spans if s.kind == C]
+        assert span.status.status_code == StatusCode.ERROR
+    finally:
+        instrumentor.uninstrument()
+
+
 def test_eager_failure_with_throw_marks_the_span_and_reraises(exporter, tracer):
     """apply(throw=True): the user's exception reaches the caller unchanged and the span is ERROR."""
     instrumentor = instrument()

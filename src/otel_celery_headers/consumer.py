@@ -36,6 +36,7 @@ from . import attributes as attrs
 from ._guard import report
 from ._outcome import error_type, mark_failed
 from .carrier import PREVIOUS_ATTEMPT_HEADER, SENT_AT_HEADER, RequestGetter, find_header
+from ._state import current_publish
 from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options, TraceShape
@@ -54,6 +55,8 @@ class _Execution:
     started: float
     metric_attributes: dict[str, Any]
     marker: Token[_Execution | None] | None = None
+    # Set when an eager task runs inside apply_async(): see _state.current_publish.
+    publish_marker: Token[Any] | None = None
 
 
 # The execution running in this context. Eager tasks nest (a task body calling
@@ -85,6 +88,8 @@ class Consumer:
             report("task_prerun", exc)
             return
         execution.marker = _current_execution.set(execution)
+        if current_publish.get() is not None:
+            execution.publish_marker = current_publish.set(None)
 
     def _start(self, task_id: str, task: Any) -> _Execution:
         request = task.request
@@ -167,6 +172,8 @@ class Consumer:
         if execution is None or execution.task_id != task_id:
             return
         try:
+            if execution.publish_marker is not None:
+                current_publish.reset(execution.publish_marker)
             if execution.marker is not None:
                 _current_execution.reset(execution.marker)
             otel_context.detach(execution.activation)

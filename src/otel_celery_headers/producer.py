@@ -1,13 +1,20 @@
 """Publish side: the PRODUCER span around the real publish, and injection.
 
-Two wrapt wrappers open the span: ``Task.apply_async`` (``delay``, signatures, canvas,
+Two wrapt wrappers mark a publish: ``Task.apply_async`` (``delay``, signatures, canvas,
 ``retry``) and ``Celery.send_task`` (a web app that knows only a task's name calls
 ``send_task`` directly). ``apply_async`` calls ``send_task``, so a ContextVar marks a
-publish already traced and the inner wrapper passes through: one span per message.
+publish already under way and the inner wrapper passes through: one span per message.
 
-Injection happens in ``before_task_publish``, into the real message headers Celery is
-about to publish, so every message carries the context, also ones published by
-Celery itself (chain steps, callbacks, chord bodies) from inside a worker.
+The span is opened in ``before_task_publish``, when the message's id, queue and
+headers are known, so every attribute is set at once at span start (sampling sees
+them, and there is no second pass); its start time is taken when the wrapper was
+entered, so it still covers the whole call. An eager ``apply_async`` never reaches
+that signal and so has no publish span, without looking up Celery's configuration.
+A call that fails before the signal gets its span, marked ERROR, from the wrapper.
+
+Injection happens in the same signal, into the real message headers Celery is about
+to publish, so every message carries the context, also ones published by Celery
+itself (chain steps, callbacks, chord bodies) from inside a worker.
 """
 
 from __future__ import annotations
@@ -15,18 +22,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, MutableMapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanKind, Tracer
 
 from . import attributes as attrs
 from ._guard import report
 from ._outcome import error_type, mark_failed
+from ._state import current_publish
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
@@ -42,20 +51,28 @@ logger = logging.getLogger("otel_celery_headers")
 
 _SETTER = HeaderSetter()
 
+# Message facts copied onto the publish span, from the headers (or protocol 1's body).
+_FROM_MESSAGE = (
+    ("id", attrs.MESSAGING_MESSAGE_ID),
+    ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
+    ("parent_id", attrs.CELERY_TASK_PARENT_ID),
+    ("group", attrs.CELERY_TASK_GROUP_ID),
+    ("eta", attrs.CELERY_TASK_ETA),
+)
+
 
 @dataclass
 class _Publish:
-    """One traced publish: lives for the duration of one apply_async/send_task call."""
+    """One publish: lives for the duration of one apply_async/send_task call."""
 
-    span: Span
+    name: str
+    app: Any
+    start_ns: int
     started: float
+    span: Span | None = None
+    activation: Token[Context] | None = None
     metric_attributes: dict[str, Any] = field(default_factory=dict)
 
-
-# The publish being traced in this context, so the nested send_task() of an
-# apply_async() does not open a second span, and before_task_publish knows which span
-# is ours to annotate (the current span may be a web request's or a task's).
-_current_publish: ContextVar[_Publish | None] = ContextVar("otel_celery_publish", default=None)
 
 # The `celery beat` schedule entry being sent, named on its publish span.
 _beat_entry: ContextVar[str | None] = ContextVar("otel_celery_beat_entry", default=None)
@@ -75,44 +92,47 @@ class Producer:
     def wrap_apply_async(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
-        return self._traced(wrapped, args, kwargs, "apply_async", self._start_apply_async, instance)
+        if current_publish.get() is not None:
+            return wrapped(*args, **kwargs)
+        return self._traced(wrapped, args, kwargs, lambda: (instance.name, instance._get_app()))
 
     def wrap_send_task(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
-        if _current_publish.get() is not None:  # inside apply_async: already traced
+        if current_publish.get() is not None:  # inside apply_async: already marked
             return wrapped(*args, **kwargs)
-        name = args[0] if args else kwargs.get("name")
-        return self._traced(wrapped, args, kwargs, "send_task", self._start, str(name), instance)
-
-    def _start_apply_async(self, task: Any) -> _Publish | None:
-        app = task._get_app()
-        # Eager mode runs the task inline and publishes nothing: the task's own
-        # CONSUMER span is then a child of the caller (see consumer.py).
-        if app.conf.task_always_eager:
-            return None
-        return self._start(task.name, app)
+        return self._traced(
+            wrapped, args, kwargs, lambda: (args[0] if args else kwargs.get("name"), instance)
+        )
 
     def _traced(
         self,
         wrapped: Callable[..., Any],
         args: Any,
         kwargs: Any,
-        where: str,
-        start: Callable[..., _Publish | None],
-        *start_args: Any,
+        describe: Callable[[], tuple[Any, Any]],
     ) -> Any:
-        # Already inside a traced publish (apply_async -> send_task): one span only.
-        if _current_publish.get() is not None:
-            return wrapped(*args, **kwargs)
         try:
-            publish = start(*start_args)
+            name, app = describe()
+            publish = _Publish(str(name), app, time.time_ns(), time.perf_counter())
         except Exception as exc:  # noqa: BLE001
-            report(where, exc)
-            publish = None
-        if publish is None:
+            report("publish", exc)
             return wrapped(*args, **kwargs)
-        return self._run(publish, wrapped, args, kwargs)
+        marker = current_publish.set(publish)
+        try:
+            return wrapped(*args, **kwargs)
+        except BaseException as exc:
+            # The caller gets this very exception back, untouched (bare raise below).
+            self._failed(publish, exc)
+            raise
+        finally:
+            # Restore the caller's context before anything else: even if ending the
+            # span failed, the caller must not be left inside our PRODUCER span.
+            if publish.activation is not None:
+                otel_context.detach(publish.activation)
+            current_publish.reset(marker)
+            if publish.span is not None:
+                self._end(publish)
 
     def wrap_beat_apply_async(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
@@ -134,50 +154,62 @@ class Producer:
             _beat_entry.reset(marker)
             otel_context.detach(activation)
 
-    def _start(self, name: str, app: Any) -> _Publish:
-        system = attrs.messaging_system(app)
-        attributes = {
+    def _open(self, publish: _Publish, headers: MutableMapping[str, Any], body: Any,
+              destination: str) -> Span:
+        """Start the publish's span with every attribute, and make it current."""
+        system = attrs.messaging_system(publish.app)
+        attributes: dict[str, Any] = {
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_SEND,
             attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-            attrs.CELERY_TASK_NAME: name,
+            attrs.MESSAGING_DESTINATION_NAME: destination,
+            attrs.CELERY_TASK_NAME: publish.name,
         }
+        # Protocol 2 puts the task's facts in the headers, protocol 1 in the body.
+        facts = headers if "id" in headers or not isinstance(body, dict) else body
+        for key, attr in _FROM_MESSAGE:
+            value = facts.get(key)
+            if isinstance(value, str):
+                attributes[attr] = value
+        retries = facts.get("retries")
+        if isinstance(retries, int):
+            attributes[attrs.CELERY_TASK_RETRIES] = retries
         entry = _beat_entry.get()
         if entry is not None:
             attributes[attrs.CELERY_BEAT_ENTRY] = entry
         span = self._tracer.start_span(
-            f"{attrs.OPERATION_SEND} {name}", kind=SpanKind.PRODUCER, attributes=attributes
+            f"{attrs.OPERATION_SEND} {publish.name}",
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            start_time=publish.start_ns,
         )
-        return _Publish(
-            span,
-            time.perf_counter(),
-            {
-                attrs.MESSAGING_SYSTEM: system,
-                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-                attrs.CELERY_TASK_NAME: name,
-            },
-        )
-
-    def _run(
-        self, publish: _Publish, wrapped: Callable[..., Any], args: Any, kwargs: Any
-    ) -> Any:
-        marker = _current_publish.set(publish)
-        activation = otel_context.attach(trace.set_span_in_context(publish.span))
-        try:
-            return wrapped(*args, **kwargs)
-        except BaseException as exc:
-            # The caller gets this very exception back, untouched (bare raise below).
-            self._failed(publish, exc)
-            raise
-        finally:
-            # Restore the caller's context before anything else: even if ending the
-            # span failed, the caller must not be left inside our PRODUCER span.
-            otel_context.detach(activation)
-            _current_publish.reset(marker)
-            self._end(publish)
+        publish.span = span
+        publish.metric_attributes = {
+            attrs.MESSAGING_SYSTEM: system,
+            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
+            attrs.MESSAGING_DESTINATION_NAME: destination,
+            attrs.CELERY_TASK_NAME: publish.name,
+        }
+        publish.activation = otel_context.attach(trace.set_span_in_context(span))
+        return span
 
     def _failed(self, publish: _Publish, exc: BaseException) -> None:
         try:
+            if publish.span is None:
+                if publish.app.conf.task_always_eager:
+                    return  # the eager task's own exception: its span says so
+                # Failed before the message was built (arguments, routing, ...).
+                publish.span = self._tracer.start_span(
+                    f"{attrs.OPERATION_SEND} {publish.name}",
+                    kind=SpanKind.PRODUCER,
+                    attributes={
+                        attrs.MESSAGING_SYSTEM: attrs.messaging_system(publish.app),
+                        attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_SEND,
+                        attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
+                        attrs.CELERY_TASK_NAME: publish.name,
+                    },
+                    start_time=publish.start_ns,
+                )
             mark_failed(publish.span, exc)
             publish.metric_attributes[attrs.ERROR_TYPE] = error_type(exc)
         except Exception as inner:  # noqa: BLE001
@@ -185,7 +217,8 @@ class Producer:
 
     def _end(self, publish: _Publish) -> None:
         try:
-            publish.span.end()
+            if publish.span is not None:
+                publish.span.end()
             self._instruments.published(
                 time.perf_counter() - publish.started, publish.metric_attributes
             )
@@ -198,6 +231,7 @@ class Producer:
         self,
         sender: str | None = None,
         headers: MutableMapping[str, Any] | None = None,
+        body: Any = None,
         routing_key: str | None = None,
         exchange: str | None = None,
         **_: Any,
@@ -205,10 +239,16 @@ class Producer:
         if headers is None:
             return
         try:
+            publish: _Publish | None = current_publish.get()
+            if publish is not None and publish.span is None:
+                self._open(publish, headers, body, routing_key or exchange or "")
             self._inject(headers)
-            publish = _current_publish.get()
-            if publish is not None:
-                self._annotate(publish, sender, headers, routing_key, exchange)
+            hook = self._options.publish_hook
+            if hook is not None and publish is not None and publish.span is not None:
+                try:
+                    hook(publish.span, publish.name, headers)
+                except Exception as exc:  # noqa: BLE001 - the user's hook must not break a publish
+                    report("publish_hook", exc)
         except Exception as exc:  # noqa: BLE001
             report("before_task_publish", exc)
 
@@ -252,41 +292,3 @@ class Producer:
                 self._options.max_baggage_bytes,
                 dropped,
             )
-
-    def _annotate(
-        self,
-        publish: _Publish,
-        sender: str | None,
-        headers: MutableMapping[str, Any],
-        routing_key: str | None,
-        exchange: str | None,
-    ) -> None:
-        span = publish.span
-        destination = routing_key or exchange or ""
-        publish.metric_attributes[attrs.MESSAGING_DESTINATION_NAME] = destination
-        if span.is_recording():
-            task_id = headers.get("id")
-            root_id = headers.get("root_id")
-            values: dict[str, Any] = {attrs.MESSAGING_DESTINATION_NAME: destination}
-            if isinstance(task_id, str):
-                values[attrs.MESSAGING_MESSAGE_ID] = task_id
-            if isinstance(root_id, str):
-                values[attrs.MESSAGING_MESSAGE_CONVERSATION_ID] = root_id
-            for key, attr in (
-                ("parent_id", attrs.CELERY_TASK_PARENT_ID),
-                ("group", attrs.CELERY_TASK_GROUP_ID),
-                ("eta", attrs.CELERY_TASK_ETA),
-            ):
-                value = headers.get(key)
-                if isinstance(value, str):
-                    values[attr] = value
-            retries = headers.get("retries")
-            if isinstance(retries, int) and retries:
-                values[attrs.CELERY_TASK_RETRIES] = retries
-            span.set_attributes(values)
-        hook = self._options.publish_hook
-        if hook is not None:
-            try:
-                hook(span, sender or "", headers)
-            except Exception as exc:  # noqa: BLE001 - the user's hook must not break a publish
-                report("publish_hook", exc)

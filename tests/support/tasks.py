@@ -55,6 +55,11 @@ def register(app: Celery) -> SimpleNamespace:
     def publish_child() -> str:
         return str(add.delay(2, 3).id)
 
+    @task(name="t.send_by_name", bind=True)
+    def send_by_name(self: Any) -> str:
+        """send_task is never eager: from an eager task it is a real publish."""
+        return str(self.app.send_task("t.add", args=(1, 1)).id)
+
     @task(name="t.ignore_me")
     def ignore_me() -> None:
         raise Ignore()
@@ -106,6 +111,6 @@ def register(app: Celery) -> SimpleNamespace:
 
     return SimpleNamespace(
         add=add, fail=fail, expected=expected, retry_once=retry_once, autoretry=autoretry,
-        replace_me=replace_me, publish_child=publish_child, ignore_me=ignore_me,
+        replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
         reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
     )
