@@ -103,7 +103,9 @@ def instrumented() -> Iterator[CeleryHeadersInstrumentor]:
 def worker(app: Celery, pool: str = "solo", **kwargs: Any) -> Any:
     return start_worker(
         app, pool=pool, concurrency=4 if pool == "threads" else 1,
-        perform_ping_check=False, shutdown_timeout=20, loglevel="WARNING", **kwargs,
+        # Celery 5.3's event loop notices a stop only after its next poll, which can
+        # wait up to 10 s for a timer: give the worker thread time to leave.
+        perform_ping_check=False, shutdown_timeout=60, loglevel="WARNING", **kwargs,
     )
 
 
