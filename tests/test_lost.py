@@ -41,6 +41,9 @@ def test_prefork_hard_time_limit_worker_lost_and_terminate(redis_url, tmp_path, 
         with tracer.start_as_current_span("request") as root:
             before = t.add.delay(1, 1)
             assert before.get(timeout=60) == 2
+            # The promise is "exported within child_flush_interval_ms (200 ms) of the
+            # task's end": a child killed after that takes no finished span with it.
+            time.sleep(0.6)
             limited = t.sleep.apply_async((30,), time_limit=1)
             lost = t.die.delay()
             running = t.sleep.delay(30)
