@@ -148,7 +148,14 @@ def one_run(broker: str, client: redis.Redis, telemetry: Telemetry, variant: Var
 
     proc = _worker(broker, variant.name, queue, tasks, report_key)
     try:
-        reply = client.blpop([report_key], timeout=120)
+        # Short waits: redis-py 8's default socket timeout (5 s) cuts a long BLPOP.
+        reply = None
+        deadline = time.monotonic() + 120
+        while reply is None and time.monotonic() < deadline:
+            exited = proc.poll() is not None
+            reply = client.blpop([report_key], timeout=1)
+            if exited:
+                break
         if reply is None:
             raise RuntimeError(f"worker for {variant.name} did not finish:\n{_stop(proc)}")
     finally:

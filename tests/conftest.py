@@ -88,8 +88,10 @@ def make_app(broker: str, backend: str | None = None, **conf: Any) -> tuple[Cele
 
 
 def instrument(**kwargs: Any) -> CeleryHeadersInstrumentor:
+    kwargs.setdefault("tracer_provider", PROVIDER)
+    kwargs.setdefault("meter_provider", METER_PROVIDER)
     instrumentor = CeleryHeadersInstrumentor()
-    instrumentor.instrument(tracer_provider=PROVIDER, meter_provider=METER_PROVIDER, **kwargs)
+    instrumentor.instrument(**kwargs)
     return instrumentor
 
 

@@ -11,6 +11,7 @@ cannot outlive the execution and nothing grows with the number of tasks run.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -336,6 +337,8 @@ def _queue_time(request: Any) -> float | None:
     try:
         ready = float(sent)
     except ValueError:
+        return None
+    if not math.isfinite(ready):  # "inf", "nan": not a time, and not a metric value
         return None
     eta = getattr(request, "eta", None)
     if isinstance(eta, str):
