@@ -102,6 +102,12 @@ def instrumented() -> Iterator[CeleryHeadersInstrumentor]:
     instrumentor.uninstrument()
 
 
+@pytest.fixture
+def producer_side(instrumented: CeleryHeadersInstrumentor) -> CeleryHeadersInstrumentor:
+    """This process instrumented as the publishing side of a worker subprocess."""
+    return instrumented
+
+
 def worker(app: Celery, pool: str = "solo", **kwargs: Any) -> Any:
     return start_worker(
         app, pool=pool, concurrency=4 if pool == "threads" else 1,

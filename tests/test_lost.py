@@ -26,12 +26,6 @@ def consumers(spans, task_id):
             and s["attributes"].get("messaging.message.id") == task_id]
 
 
-@pytest.fixture
-def producer_side():
-    instrumentor = instrument()
-    yield
-    instrumentor.uninstrument()
-
 
 def test_prefork_hard_time_limit_worker_lost_and_terminate(redis_url, tmp_path, exporter, tracer, producer_side):
     """Hard time limit and a vanished child: one ERROR span each; terminated: one REVOKED span; a task finished before the kill keeps its span."""

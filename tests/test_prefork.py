@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 from opentelemetry.trace import SpanKind
 
-from tests.conftest import instrument, make_app, wait_for
+from tests.conftest import make_app, wait_for
 from tests.support.prefork import prefork_worker
 from tests.support.raw import publish_raw
 from tests.support.spans import one, span_id, trace_id
 
 P = SpanKind.PRODUCER
 
-
-@pytest.fixture
-def producer_side():
-    instrumentor = instrument()
-    yield
-    instrumentor.uninstrument()
 
 
 def hexid(value: int, width: int) -> str:

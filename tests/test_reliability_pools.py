@@ -9,7 +9,7 @@ import uuid
 import pytest
 from opentelemetry.trace import SpanKind
 
-from tests.conftest import instrument, make_app, wait_for
+from tests.conftest import make_app, wait_for
 from tests.support.prefork import prefork_worker
 from tests.support.reliability import children_of, pool_worker, wait_until
 from tests.support.spans import one, span_id, trace_id
@@ -20,12 +20,6 @@ TIMEOUT = 60
 # worker's BatchSpanProcessor (tests/support/worker_app.py) only after 60 s.
 FLUSHED = 20
 
-
-@pytest.fixture
-def producer_side():
-    instrumentor = instrument()
-    yield
-    instrumentor.uninstrument()
 
 
 def hexid(value: int, width: int) -> str:
