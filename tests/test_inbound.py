@@ -1,4 +1,4 @@
-"""What arrives at the worker: header shapes of other producers, bad headers, protocol 1."""
+"""What arrives at the worker: header shapes of other producers, and bad headers."""
 
 from __future__ import annotations
 
@@ -58,18 +58,3 @@ def test_malformed_or_non_string_traceparent_starts_a_new_trace(env, exporter, v
     assert span.parent is None
     assert seen["trace_id"] == format(trace_id(span), "032x") != TRACE
     assert seen["baggage"] == {}
-
-
-def test_protocol_1_messages_carry_the_context(redis_url, exporter, tracer):
-    """Celery's task protocol 1 (headers in the body) is traced end to end."""
-    instrumentor = instrument()
-    app, t = make_app(redis_url, task_protocol=1, task_default_queue="proto1")
-    try:
-        with worker(app):
-            with tracer.start_as_current_span("request") as root:
-                result = t.add.delay(4, 4)
-            assert result.get(timeout=20) == 8
-            span = wait_for(lambda spans: one(spans, result.id, C))
-    finally:
-        instrumentor.uninstrument()
-    assert trace_id(span) == trace_id(root)
