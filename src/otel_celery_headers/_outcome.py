@@ -1,6 +1,8 @@
-"""Marking a span failed, the same way on both sides."""
+"""Outcomes, the same way on both sides: marking a span failed, and what is not a failure."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
@@ -19,3 +21,21 @@ def mark_failed(span: Span, exc: BaseException) -> None:
     span.record_exception(exc, escaped=True)
     span.set_attribute(ERROR_TYPE, error_type(exc))
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """billiard wraps exceptions crossing the pool pipe in ExceptionWithTraceback."""
+    inner = getattr(exc, "exc", None)
+    if type(exc).__name__ == "ExceptionWithTraceback" and isinstance(inner, BaseException):
+        return inner
+    return exc
+
+
+def is_expected(task: Any, exc: BaseException) -> bool:
+    throws = getattr(task, "throws", None) or ()
+    try:
+        return bool(throws) and isinstance(exc, tuple(throws))
+    except TypeError:
+        return False
+
+

@@ -11,41 +11,33 @@ cannot outlive the execution and nothing grows with the number of tasks run.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import (
-    INVALID_SPAN,
-    Link,
-    Span,
-    SpanContext,
-    SpanKind,
-    TraceFlags,
-    Tracer,
-)
+from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
 from ._guard import report
-from ._outcome import error_type, mark_failed
-from .carrier import PREVIOUS_ATTEMPT_HEADER, SENT_AT_HEADER, RequestGetter, find_header
+from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
+from .inbound import (
+    destination_of,
+    extract,
+    previous_attempt,
+    queue_time,
+    relate,
+    request_attributes,
+)
 from .lifecycle import in_pool_child
 from .metrics import Instruments
-from .options import Options, TraceShape
-
-_GETTER = RequestGetter()
-
-# Celery control flow: the task did not fail, it asked Celery to do something else.
-_NOT_ERRORS = frozenset({"RETRY", "IGNORED", "REJECTED"})
+from .options import Options
 
 
 @dataclass
@@ -102,7 +94,7 @@ class Consumer:
         base, parent, links = relate(inbound, shape)
         retries: object = getattr(request, "retries", 0)
         if retries and shape != "ignore":
-            previous = _previous_attempt(request)
+            previous = previous_attempt(request)
             if previous is not None:
                 links = [*(links or ()), previous]
 
@@ -119,7 +111,7 @@ class Consumer:
             activation = otel_context.attach(base)
             return _Execution(task_id, None, activation, time.perf_counter(), metric_attributes)
 
-        queue_time = None if eager else _queue_time(request)
+        waited = None if eager else queue_time(request)
         span_attributes: dict[str, Any] = {
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,
@@ -133,9 +125,9 @@ class Consumer:
             span_attributes[attrs.CELERY_TASK_EAGER] = True
         if shape != "child":
             span_attributes[attrs.CELERY_TRACE_SHAPE] = shape
-        if queue_time is not None:
-            span_attributes[attrs.CELERY_QUEUE_TIME] = queue_time
-            self._instruments.queue_time.record(queue_time, metric_attributes)
+        if waited is not None:
+            span_attributes[attrs.CELERY_QUEUE_TIME] = waited
+            self._instruments.queue_time.record(waited, metric_attributes)
 
         span = self._tracer.start_span(
             f"{attrs.OPERATION_PROCESS} {name}",
@@ -204,7 +196,7 @@ class Consumer:
             retval = failure
         failed = state == "FAILURE" and isinstance(retval, BaseException)
         exc = unwrap(retval) if failed else None
-        expected = exc is not None and _is_expected(task, exc)
+        expected = exc is not None and is_expected(task, exc)
         if span is not None:
             if state is not None:
                 span.set_attribute(attrs.CELERY_TASK_STATE, state)
@@ -225,59 +217,6 @@ class Consumer:
         self._instruments.processed(time.perf_counter() - execution.started, metric_attributes)
 
 
-def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
-    """(context made current, parent of the span, links) for a trace shape."""
-    if shape == "child":
-        return inbound, inbound, None
-    if shape == "link":
-        # A new trace that still carries the producer's baggage (the official
-        # instrumentation's link mode drops it).
-        remote = trace.get_current_span(inbound).get_span_context()
-        base = trace.set_span_in_context(INVALID_SPAN, inbound)
-        return base, base, [Link(remote)] if remote.is_valid else None
-    # "ignore": the inbound context is not trusted at all.
-    empty = Context()
-    return empty, empty, None
-
-
-def extract(carrier: object) -> Context:
-    """The producer's context from a request or headers; a fresh Context if none.
-
-    Never the thread's current context: a worker thread must not hand one task's
-    context to the next (solo, threads and gevent pools reuse threads and greenlets).
-    """
-    try:
-        return propagate.extract(carrier, context=Context(), getter=_GETTER)
-    except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
-        report("extract", exc)
-        return Context()
-
-
-_FROM_REQUEST = (
-    ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
-    ("parent_id", attrs.CELERY_TASK_PARENT_ID),
-    ("group", attrs.CELERY_TASK_GROUP_ID),
-    ("hostname", attrs.CELERY_WORKER_HOSTNAME),
-    ("eta", attrs.CELERY_TASK_ETA),
-)
-
-
-def request_attributes(request: Any, into: dict[str, Any]) -> None:
-    """Celery facts of a ``task.request`` (or a message's headers) as span attributes."""
-    for key, attr in _FROM_REQUEST:
-        value = getattr(request, key, None)
-        if isinstance(value, str):
-            into[attr] = value
-    retries = getattr(request, "retries", 0)
-    into[attrs.CELERY_TASK_RETRIES] = retries if isinstance(retries, int) else 0
-
-
-def destination_of(delivery_info: Any) -> str:
-    if not isinstance(delivery_info, dict):
-        return ""
-    return str(delivery_info.get("routing_key") or delivery_info.get("exchange") or "")
-
-
 def attempt_context(task_id: object) -> SpanContext | None:
     """The span context of the running execution of ``task_id``, if this is inside it.
 
@@ -288,62 +227,3 @@ def attempt_context(task_id: object) -> SpanContext | None:
     if execution is None or execution.span is None or execution.task_id != task_id:
         return None
     return execution.span.get_span_context()
-
-
-def _previous_attempt(request: Any) -> Link | None:
-    value = find_header(request, PREVIOUS_ATTEMPT_HEADER)
-    if value is None:
-        return None
-    trace_hex, _, span_hex = value.partition("-")
-    try:
-        context = SpanContext(
-            trace_id=int(trace_hex, 16),
-            span_id=int(span_hex, 16),
-            is_remote=True,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
-        )
-    except ValueError:
-        return None
-    if not context.is_valid:
-        return None
-    return Link(context, {"celery.link": "previous_attempt"})
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """billiard wraps exceptions crossing the pool pipe in ExceptionWithTraceback."""
-    inner = getattr(exc, "exc", None)
-    if type(exc).__name__ == "ExceptionWithTraceback" and isinstance(inner, BaseException):
-        return inner
-    return exc
-
-
-def _is_expected(task: Any, exc: BaseException) -> bool:
-    throws = getattr(task, "throws", None) or ()
-    try:
-        return bool(throws) and isinstance(exc, tuple(throws))
-    except TypeError:
-        return False
-
-
-def _queue_time(request: Any) -> float | None:
-    """Seconds between publish (or the eta, if later) and now; never negative.
-
-    A task with a countdown did not "wait" before its eta. Clocks of producer and
-    worker machines differ: a negative difference is skew, reported as zero.
-    """
-    sent = find_header(request, SENT_AT_HEADER)
-    if sent is None:
-        return None
-    try:
-        ready = float(sent)
-    except ValueError:
-        return None
-    if not math.isfinite(ready):  # "inf", "nan": not a time, and not a metric value
-        return None
-    eta = getattr(request, "eta", None)
-    if isinstance(eta, str):
-        try:
-            ready = max(ready, datetime.fromisoformat(eta).timestamp())
-        except ValueError:
-            pass
-    return max(0.0, time.time() - ready)

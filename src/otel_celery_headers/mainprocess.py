@@ -29,8 +29,8 @@ from opentelemetry.trace import SpanKind, Tracer
 
 from . import attributes as attrs
 from ._guard import report
-from ._outcome import mark_failed
-from .consumer import destination_of, extract, relate, request_attributes, unwrap
+from ._outcome import mark_failed, unwrap
+from .inbound import destination_of, extract, relate, request_attributes
 from .options import Options
 
 # The Celery Request whose main-process failure handler is running in this context.

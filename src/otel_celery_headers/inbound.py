@@ -1,0 +1,119 @@
+"""What the worker reads from a message: the producer's context, and facts about it.
+
+Pure functions over ``task.request`` (or message headers read the same way), shared by
+the child's CONSUMER span (consumer.py) and the main process's spans (mainprocess.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Link, SpanContext, TraceFlags
+
+from . import attributes as attrs
+from ._guard import report
+from .carrier import PREVIOUS_ATTEMPT_HEADER, SENT_AT_HEADER, RequestGetter, find_header
+from .options import TraceShape
+
+_GETTER = RequestGetter()
+
+
+def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
+    """(context made current, parent of the span, links) for a trace shape."""
+    if shape == "child":
+        return inbound, inbound, None
+    if shape == "link":
+        # A new trace that still carries the producer's baggage (the official
+        # instrumentation's link mode drops it).
+        remote = trace.get_current_span(inbound).get_span_context()
+        base = trace.set_span_in_context(INVALID_SPAN, inbound)
+        return base, base, [Link(remote)] if remote.is_valid else None
+    # "ignore": the inbound context is not trusted at all.
+    empty = Context()
+    return empty, empty, None
+
+
+def extract(carrier: object) -> Context:
+    """The producer's context from a request or headers; a fresh Context if none.
+
+    Never the thread's current context: a worker thread must not hand one task's
+    context to the next (solo, threads and gevent pools reuse threads and greenlets).
+    """
+    try:
+        return propagate.extract(carrier, context=Context(), getter=_GETTER)
+    except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
+        report("extract", exc)
+        return Context()
+
+
+_FROM_REQUEST = (
+    ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
+    ("parent_id", attrs.CELERY_TASK_PARENT_ID),
+    ("group", attrs.CELERY_TASK_GROUP_ID),
+    ("hostname", attrs.CELERY_WORKER_HOSTNAME),
+    ("eta", attrs.CELERY_TASK_ETA),
+)
+
+
+def request_attributes(request: Any, into: dict[str, Any]) -> None:
+    """Celery facts of a ``task.request`` (or a message's headers) as span attributes."""
+    for key, attr in _FROM_REQUEST:
+        value = getattr(request, key, None)
+        if isinstance(value, str):
+            into[attr] = value
+    retries = getattr(request, "retries", 0)
+    into[attrs.CELERY_TASK_RETRIES] = retries if isinstance(retries, int) else 0
+
+
+def destination_of(delivery_info: Any) -> str:
+    if not isinstance(delivery_info, dict):
+        return ""
+    return str(delivery_info.get("routing_key") or delivery_info.get("exchange") or "")
+
+
+def previous_attempt(request: Any) -> Link | None:
+    value = find_header(request, PREVIOUS_ATTEMPT_HEADER)
+    if value is None:
+        return None
+    trace_hex, _, span_hex = value.partition("-")
+    try:
+        context = SpanContext(
+            trace_id=int(trace_hex, 16),
+            span_id=int(span_hex, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+    except ValueError:
+        return None
+    if not context.is_valid:
+        return None
+    return Link(context, {"celery.link": "previous_attempt"})
+
+
+def queue_time(request: Any) -> float | None:
+    """Seconds between publish (or the eta, if later) and now; never negative.
+
+    A task with a countdown did not "wait" before its eta. Clocks of producer and
+    worker machines differ: a negative difference is skew, reported as zero.
+    """
+    sent = find_header(request, SENT_AT_HEADER)
+    if sent is None:
+        return None
+    try:
+        ready = float(sent)
+    except ValueError:
+        return None
+    if not math.isfinite(ready):  # "inf", "nan": not a time, and not a metric value
+        return None
+    eta = getattr(request, "eta", None)
+    if isinstance(eta, str):
+        try:
+            ready = max(ready, datetime.fromisoformat(eta).timestamp())
+        except ValueError:
+            pass
+    return max(0.0, time.time() - ready)
