@@ -22,13 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def prefork_worker(
     broker_url: str, tmp_path: Path, *, concurrency: int = 2, max_tasks_per_child: int | None = None,
     instrument_at: str = "import", extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+    app_module: str = "tests.support.worker_app", pool: str = "prefork",
 ) -> Iterator[Any]:
+    """A `celery -A <app_module> worker --pool <pool>` subprocess (prefork unless told)."""
     queue = f"q-{uuid.uuid4().hex[:8]}"
     span_file = tmp_path / f"spans-{queue}.jsonl"
     log_file = tmp_path / f"worker-{queue}.log"
     args = [
-        sys.executable, "-m", "celery", "-A", "tests.support.worker_app", "worker",
-        "--pool", "prefork", "--concurrency", str(concurrency), "-Q", queue,
+        sys.executable, "-m", "celery", "-A", app_module, "worker",
+        "--pool", pool, "--concurrency", str(concurrency), "-Q", queue,
         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
         "--hostname", f"{queue}@localhost", *extra_args,
     ]

@@ -7,13 +7,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +19,7 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tests.support.prefork import ROOT, _Worker
+from tests.support.prefork import prefork_worker
 from tests.support.servers import free_port, redis_binary, wait_for_port
 
 # -- a Redis that can be stopped and started again on the same port ---------------------
@@ -176,35 +173,15 @@ def wait_until(predicate: Any, timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
-@contextmanager
 def pool_worker(
     broker_url: str, tmp_path: Path, *, pool: str, concurrency: int,
     extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-) -> Iterator[_Worker]:
+) -> Any:
     """A `celery -A tests.support.green_app worker --pool <pool>` subprocess.
 
-    Same handle as ``prefork_worker`` (``queue``, ``spans()``, ``wait_spans()``, ``stop()``);
-    the app module also has the ``r.rendezvous`` task.
+    Same handle as ``prefork_worker``; the app module also has the ``r.rendezvous`` task.
     """
-    queue = f"q-{uuid.uuid4().hex[:8]}"
-    span_file = tmp_path / f"spans-{queue}.jsonl"
-    log_file = tmp_path / f"worker-{queue}.log"
-    args = [
-        sys.executable, "-m", "celery", "-A", "tests.support.green_app", "worker",
-        "--pool", pool, "--concurrency", str(concurrency), "-Q", queue,
-        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
-        "--hostname", f"{queue}@localhost", *extra_args,
-    ]
-    full_env = dict(
-        os.environ, BROKER_URL=broker_url, SPAN_FILE=str(span_file), QUEUE=queue,
-        PYTHONPATH=str(ROOT), **(env or {}),
+    return prefork_worker(
+        broker_url, tmp_path, concurrency=concurrency, extra_args=extra_args, env=env,
+        app_module="tests.support.green_app", pool=pool,
     )
-    with open(log_file, "wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    handle = _Worker(proc, queue, span_file, log_file)
-    try:
-        yield handle
-    finally:
-        handle.stop()
-        if proc.poll() is None:  # pragma: no cover - stop() already waited and killed
-            proc.send_signal(signal.SIGKILL)
