@@ -153,6 +153,69 @@ def test_chord_header_and_body_in_one_trace(env, exporter, tracer):
     assert parent_id(body_producer) in {span_id(s) for s in header_consumers}
 
 
+def header_spans(root, count: int) -> list:
+    """The `process t.add` spans of a chord's header tasks, once all have ended."""
+    return wait_for(lambda spans: (lambda found: found if len(found) == count else None)(
+        [s for s in spans if s.kind == C and s.name == "process t.add"
+         and trace_id(s) == trace_id(root) and attr(s, "celery.task.group_id")
+         # (a chain step inside a chord body also carries the group id, and a parent)
+         and not attr(s, "celery.task.parent_id")]))
+
+
+def chord_links(span) -> set[int]:
+    return {link.context.span_id for link in span.links
+            if (link.attributes or {}).get("celery.link") == "chord_header"}
+
+
+def test_chord_body_links_to_every_header_task(env, exporter, tracer):
+    """The fan-in is visible: the body's process span links to each header's process span."""
+    with tracer.start_as_current_span("request") as root:
+        result = chord([env.t.add.s(i, i) for i in range(5)], env.t.collect.s()).apply_async()
+    assert result.get(timeout=TIMEOUT) == 20
+    _, body = pair(result.id)
+    headers = header_spans(root, 5)
+    assert chord_links(body) == {span_id(s) for s in headers}
+    assert all(link.context.trace_id == trace_id(root) for link in body.links)
+    # Header tasks themselves link to nothing.
+    assert all(not s.links for s in headers)
+
+
+def test_chord_with_more_headers_than_one_read(env, exporter, tracer):
+    """20 headers: beyond the first backend read of 16, every header is still linked."""
+    with tracer.start_as_current_span("request") as root:
+        result = chord([env.t.add.s(i, 0) for i in range(20)], env.t.collect.s()).apply_async()
+    assert result.get(timeout=TIMEOUT) == sum(range(20))
+    _, body = pair(result.id)
+    assert chord_links(body) == {span_id(s) for s in header_spans(root, 20)}
+
+
+def test_chord_chain_body_links_its_first_task(env, exporter, tracer):
+    """A chain as the body: its first task is what the finishing header sends; it carries the links."""
+    with tracer.start_as_current_span("request") as root:
+        result = chord([env.t.add.s(i, i) for i in range(3)],
+                       chain(env.t.collect.s(), env.t.add.s(100))).apply_async()
+    assert result.get(timeout=TIMEOUT) == 106
+    headers = {span_id(s) for s in header_spans(root, 3)}
+    first = wait_for(lambda spans: [s for s in spans if s.kind == C and s.name == "process t.collect"
+                                    and trace_id(s) == trace_id(root)])
+    assert chord_links(first[0]) == headers
+    last = consumer(result.id)  # the chain's second step links to nothing
+    assert not chord_links(last)
+
+
+def test_chord_group_body_links_each_body_task(env, exporter, tracer):
+    """A group as the body: each of its tasks links to every header."""
+    with tracer.start_as_current_span("request") as root:
+        result = chord([env.t.add.s(i, i) for i in range(3)],
+                       group(env.t.collect.s(), env.t.collect.s())).apply_async()
+    assert result.get(timeout=TIMEOUT) == [6, 6]
+    headers = {span_id(s) for s in header_spans(root, 3)}
+    bodies = wait_for(lambda spans: (lambda found: found if len(found) == 2 else None)(
+        [s for s in spans if s.kind == C and s.name == "process t.collect"
+         and trace_id(s) == trace_id(root)]))
+    assert [chord_links(s) for s in bodies] == [headers, headers]
+
+
 def test_link_and_link_error_callbacks_continue_the_trace(env, exporter, tracer):
     """Success callbacks and error callbacks are published from the task's span."""
     with tracer.start_as_current_span("request") as root:

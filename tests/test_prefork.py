@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from celery import chord
 from opentelemetry.trace import SpanKind
 
 from tests.conftest import make_app, wait_for
@@ -46,6 +47,25 @@ def test_recycled_children_lose_no_span(redis_url, tmp_path, exporter, tracer, p
             body = [s for s in spans if s["name"] == "add-body" and s["parent_id"] == consumer["span_id"]]
             assert len(body) == 1
         assert len({s["pid"] for s in spans if s["kind"] == "CONSUMER"}) == 8
+
+
+def header_spans(spans):
+    return [s for s in spans if s["kind"] == "CONSUMER" and s["name"] == "process t.add"]
+
+
+def test_chord_across_children_links_body_to_every_header(redis_url, tmp_path, exporter, tracer, producer_side):
+    """Chord headers run in six different child processes; the body, sent by the last, links to all six."""
+    with prefork_worker(redis_url, tmp_path, max_tasks_per_child=1) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        with tracer.start_as_current_span("request") as root:
+            result = chord([t.add.s(i, i) for i in range(6)], t.collect.s()).apply_async()
+        assert result.get(timeout=60) == 30
+        spans = w.wait_spans(lambda s: s if consumer_for(s, result.id) and len(header_spans(s)) == 6 else None)
+    body = consumer_for(spans, result.id)
+    headers = header_spans(spans)
+    assert len(headers) == 6 and len({s["pid"] for s in headers}) == 6
+    assert body["trace_id"] == hexid(trace_id(root), 32)
+    assert sorted(body["links"]) == sorted(s["span_id"] for s in headers)
 
 
 def test_prefork_outcomes_and_no_context_leak(redis_url, tmp_path, exporter, tracer, producer_side):

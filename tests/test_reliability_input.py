@@ -12,6 +12,7 @@ the first string value of each field, in the lookup order carrier.py documents.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from opentelemetry import baggage, context, propagate, trace
-from opentelemetry.trace import SpanContext, SpanKind
+from opentelemetry.trace import SpanKind
 
 from tests.conftest import instrument, make_app, wait_for, worker
 from tests.support.raw import publish_raw
@@ -48,6 +49,9 @@ CELERY_KEYS = frozenset({
 })
 SENT_AT = "otel_celery_sent_at"
 PREVIOUS = "otel_celery_previous_attempt"  # "<trace id>-<span id>" of the attempt that retried
+CHORD = "otel_celery_chord_headers"  # space-separated "<trace id>-<span id>" of a chord's headers
+# How our own headers name a span: exactly 32 and 16 lowercase hex digits, neither all zero.
+SPAN_REF = re.compile(r"(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}")
 
 # -- strategies -------------------------------------------------------------------------
 
@@ -156,10 +160,17 @@ BAD_PREVIOUS = st.one_of(
                      "0-1", "1-0", "-1-2"]),
     mutated(VALID_PREVIOUS), st.text(max_size=40),
 )
+VALID_CHORD = st.lists(VALID_PREVIOUS, min_size=1, max_size=4).map(" ".join)
+BAD_CHORD = st.one_of(
+    st.lists(st.one_of(VALID_PREVIOUS, BAD_PREVIOUS), min_size=1, max_size=4).map(" ".join),
+    st.sampled_from(["", " ", "  ", ",".join(["0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331"] * 2)]),
+    mutated(VALID_CHORD), st.text(max_size=60),
+)
 FIELDS = {"traceparent": TP_VALUES, "tracestate": field_values(VALID_TS, BAD_TS),
           "baggage": field_values(VALID_BG, BAD_BG),
-          PREVIOUS: field_values(VALID_PREVIOUS, BAD_PREVIOUS)}
-OURS = {*TRACE_KEYS, SENT_AT, PREVIOUS}
+          PREVIOUS: field_values(VALID_PREVIOUS, BAD_PREVIOUS),
+          CHORD: field_values(VALID_CHORD, BAD_CHORD)}
+OURS = {*TRACE_KEYS, SENT_AT, PREVIOUS, CHORD}
 RANDOM_KEYS = KEY_TEXT.filter(lambda k: k not in CELERY_KEYS and k not in OURS)
 
 
@@ -241,17 +252,16 @@ def expected_context(message: Mapping[str, Any]) -> Any:
     return propagate.extract(flat)
 
 
+def span_refs(value: str | None) -> list[tuple[int, int]]:
+    if value is None:
+        return []
+    return [(int(ref[:32], 16), int(ref[33:], 16)) for ref in value.split(" ") if SPAN_REF.fullmatch(ref)]
+
+
 def expected_links(message: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """(trace id, span id) of the previous attempt a retry's span links to, if any."""
-    value = first_string(message, PREVIOUS)
-    if not message.get("retries") or value is None:
-        return []
-    trace_hex, _, span_hex = value.partition("-")
-    try:
-        found = SpanContext(int(trace_hex, 16), int(span_hex, 16), is_remote=True)
-    except ValueError:
-        return []
-    return [(found.trace_id, found.span_id)] if found.is_valid else []
+    """(trace id, span id) the span links to: a retry's previous attempt, then a chord's headers."""
+    previous = span_refs(first_string(message, PREVIOUS)) if message.get("retries") else []
+    return previous + span_refs(first_string(message, CHORD))[:128]
 
 
 # -- fixtures ---------------------------------------------------------------------------

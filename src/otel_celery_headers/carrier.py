@@ -20,10 +20,12 @@ as absent, so the task starts a new trace instead of failing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.trace import SpanContext, TraceFlags
 
 #: The header carrying the publish time (seconds since the epoch, as a string), used
 #: for time in queue. A string, not a float: AMQP header tables and JSON both keep it
@@ -134,3 +136,28 @@ def bound_baggage(value: str, max_bytes: int) -> tuple[str, int]:
         kept.append(member)
         size += cost
     return ",".join(kept), len(members) - len(kept)
+
+
+_SPAN_REF = re.compile(r"[0-9a-f]{32}-[0-9a-f]{16}")
+
+
+def span_ref(context: SpanContext) -> str:
+    """``<trace id>-<span id>`` in hex: how our own headers name another span."""
+    return f"{context.trace_id:032x}-{context.span_id:016x}"
+
+
+def parse_span_ref(value: str) -> SpanContext | None:
+    """The remote span named by ``span_ref``, or None if ``value`` is not one.
+
+    Only spans that were recorded are named, so the context is marked sampled.
+    """
+    # Strict: int(x, 16) alone would also take " 1f", "0x1f" and "1_f".
+    if _SPAN_REF.fullmatch(value) is None:
+        return None
+    context = SpanContext(
+        trace_id=int(value[:32], 16),
+        span_id=int(value[33:], 16),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return context if context.is_valid else None

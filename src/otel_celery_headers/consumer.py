@@ -24,6 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
+from . import fanin
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
@@ -35,6 +36,8 @@ from .inbound import (
     relate,
     request_attributes,
 )
+from .carrier import find_header
+from .fanin import ChordPart
 from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options
@@ -50,6 +53,8 @@ class _Execution:
     marker: Token[_Execution | None] | None = None
     # Set when an eager task runs inside apply_async(): see _state.current_publish.
     publish_marker: Token[Any] | None = None
+    # Set for a chord header task: what producer.py needs when this task sends the body.
+    chord: ChordPart | None = None
 
 
 # The execution running in this context. Eager tasks nest (a task body calling
@@ -92,11 +97,15 @@ class Consumer:
         inbound = self._inbound(request, eager)
 
         base, parent, links = relate(inbound, shape)
-        retries: object = getattr(request, "retries", 0)
-        if retries and shape != "ignore":
-            previous = previous_attempt(request)
-            if previous is not None:
-                links = [*(links or ()), previous]
+        if shape != "ignore":
+            retries: object = getattr(request, "retries", 0)
+            if retries:
+                previous = previous_attempt(request)
+                if previous is not None:
+                    links = [*(links or ()), previous]
+            headers = find_header(request, fanin.CHORD_LINKS_HEADER)
+            if headers is not None:  # a chord body: one link per header task
+                links = [*(links or ()), *fanin.links_from(headers)]
 
         system = attrs.messaging_system(task.app)
         destination = destination_of(getattr(request, "delivery_info", None))
@@ -143,7 +152,13 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - the user's hook must not break a task
                 report("process_hook", exc)
         activation = otel_context.attach(trace.set_span_in_context(span, base))
-        return _Execution(task_id, span, activation, time.perf_counter(), metric_attributes)
+        execution = _Execution(task_id, span, activation, time.perf_counter(), metric_attributes)
+        if getattr(request, "chord", None):
+            part = fanin.part_of(request, task.backend)
+            if part is not None:
+                fanin.remember(part, getattr(request, "group_index", None), span.get_span_context())
+                execution.chord = part
+        return execution
 
     @staticmethod
     def _inbound(request: Any, eager: bool) -> Context:
@@ -217,13 +232,14 @@ class Consumer:
         self._instruments.processed(time.perf_counter() - execution.started, metric_attributes)
 
 
-def attempt_context(task_id: object) -> SpanContext | None:
-    """The span context of the running execution of ``task_id``, if this is inside it.
+def publishing_from() -> tuple[str, SpanContext | None, ChordPart | None] | None:
+    """(task id, span context, chord part) of the execution publishing now, if any.
 
-    A task that retries (or replaces itself) publishes a message with its own id from
-    inside its execution; producer.py then records this attempt on the new message.
+    producer.py needs two facts about it: a task that retries (or replaces itself)
+    publishes a message with its own id, and that message records this attempt; a
+    chord header that finishes the chord publishes the body, which links to headers.
     """
     execution = _current_execution.get()
-    if execution is None or execution.span is None or execution.task_id != task_id:
+    if execution is None or execution.span is None:
         return None
-    return execution.span.get_span_context()
+    return execution.task_id, execution.span.get_span_context(), execution.chord

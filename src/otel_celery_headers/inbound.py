@@ -13,11 +13,17 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Link, SpanContext, TraceFlags
+from opentelemetry.trace import INVALID_SPAN, Link
 
 from . import attributes as attrs
 from ._guard import report
-from .carrier import PREVIOUS_ATTEMPT_HEADER, SENT_AT_HEADER, RequestGetter, find_header
+from .carrier import (
+    PREVIOUS_ATTEMPT_HEADER,
+    SENT_AT_HEADER,
+    RequestGetter,
+    find_header,
+    parse_span_ref,
+)
 from .options import TraceShape
 
 _GETTER = RequestGetter()
@@ -78,19 +84,8 @@ def destination_of(delivery_info: Any) -> str:
 
 def previous_attempt(request: Any) -> Link | None:
     value = find_header(request, PREVIOUS_ATTEMPT_HEADER)
-    if value is None:
-        return None
-    trace_hex, _, span_hex = value.partition("-")
-    try:
-        context = SpanContext(
-            trace_id=int(trace_hex, 16),
-            span_id=int(span_hex, 16),
-            is_remote=True,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED),
-        )
-    except ValueError:
-        return None
-    if not context.is_valid:
+    context = None if value is None else parse_span_ref(value)
+    if context is None:
         return None
     return Link(context, {"celery.link": "previous_attempt"})
 

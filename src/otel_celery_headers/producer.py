@@ -30,9 +30,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
+from . import fanin
 from ._guard import report
 from ._outcome import error_type, mark_failed
 from ._state import current_publish
@@ -42,8 +43,10 @@ from .carrier import (
     HeaderSetter,
     bound_baggage,
     drop_fields,
+    span_ref,
 )
-from .consumer import attempt_context
+from .consumer import publishing_from
+from .fanin import ChordPart
 from .metrics import Instruments
 from .options import Options
 
@@ -265,9 +268,27 @@ class Producer:
         if isinstance(baggage, str) and len(baggage) > self._options.max_baggage_bytes:
             self._bound_baggage(headers, baggage)
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
-        attempt = attempt_context(headers.get("id"))
-        if attempt is not None:
-            headers[PREVIOUS_ATTEMPT_HEADER] = f"{attempt.trace_id:032x}-{attempt.span_id:016x}"
+        source = publishing_from()
+        if source is not None:
+            self._inject_relations(headers, *source)
+
+    @staticmethod
+    def _inject_relations(
+        headers: MutableMapping[str, Any],
+        task_id: str,
+        attempt: SpanContext | None,
+        chord: ChordPart | None,
+    ) -> None:
+        """What a message published from inside a task needs to say about that task."""
+        message_id = headers.get("id")
+        if message_id == task_id and attempt is not None:
+            headers[PREVIOUS_ATTEMPT_HEADER] = span_ref(attempt)
+        if chord is not None and (
+            message_id in chord.body_ids or headers.get("group") in chord.body_ids
+        ):
+            links = fanin.collect(chord)
+            if links is not None:
+                headers[fanin.CHORD_LINKS_HEADER] = links
 
     def _propagation_fields(self, textmap: TextMapPropagator) -> frozenset[str]:
         # CompositePropagator.fields builds a new set on every call: cache it for the
