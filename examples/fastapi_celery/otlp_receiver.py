@@ -345,6 +345,13 @@ def render_waterfall(
         notes = []
         if q:
             notes.append(f"queued {_fmt_duration(q)}")
+        links = span.get("links") or []
+        if links:
+            kinds = sorted({str((link.get("attributes") or {}).get("celery.link", "link")) for link in links})
+            notes.append(f"{len(links)} link{'s' if len(links) > 1 else ''} ({', '.join(kinds)})")
+        reason = span["attributes"].get("celery.task.revoked.reason")
+        if reason:
+            notes.append("REVOKED" if reason == "revoked" else f"REVOKED ({reason})")
         if failed:
             message = span["status"]["message"] or span["attributes"].get("error.type", "")
             notes.append(paint(f"ERROR {message}".rstrip(), _BOLD, _RED))

@@ -22,9 +22,13 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "span_id": format(ctx.span_id, "016x"),
         "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
         "status": span.status.status_code.name,
+        "status_message": span.status.description or "",
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
         "attributes": dict(span.attributes or {}),
         "events": [e.name for e in span.events],
         "links": [format(link.context.span_id, "016x") for link in span.links],
+        "link_kinds": [str((link.attributes or {}).get("celery.link", "")) for link in span.links],
         "pid": os.getpid(),
     }
 
