@@ -247,3 +247,50 @@ def test_hooks_see_the_span_and_message(redis_url, exporter, tracer):
         instrumentor.uninstrument()
     assert producer.attributes["app.published_task"] == "t.add" and producer.attributes["app.has_id"]
     assert consumer.attributes["app.processed_task"] == "t.add"
+
+
+METRICS_LATER = r'''
+import json
+from celery import Celery
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from otel_celery_headers import CeleryHeadersInstrumentor
+
+CeleryHeadersInstrumentor().instrument(tracer_provider=TracerProvider())
+app = Celery("later", broker="memory://", set_as_current=False)
+
+
+@app.task(name="t.add", shared=False)
+def add(x, y):
+    return x + y
+
+
+add.delay(1, 2)   # no MeterProvider anywhere yet
+add.apply((1, 2))
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+for _ in range(3):
+    add.delay(1, 2)
+    add.apply((1, 2))
+sums = {}
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for metric in sm.metrics:
+            if metric.name.endswith("messages"):
+                sums[metric.name] = sum(p.value for p in metric.data.data_points)
+print(json.dumps(sums))
+'''
+
+
+def test_meter_provider_set_after_instrument_is_picked_up():
+    """Without a MeterProvider we skip building measurements; one set globally later still gets every message from then on."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", METRICS_LATER], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "messaging.client.sent.messages": 3, "messaging.client.consumed.messages": 3}

@@ -247,6 +247,12 @@ def first_string(message: Mapping[str, Any], key: str) -> str | None:
     return locate(message, key)[0]
 
 
+def own_string(message: Mapping[str, Any], key: str) -> str | None:
+    """Our own otel_celery_* headers are read only where we write them: top level, or request.headers."""
+    value, where = locate(message, key)
+    return value if where in ("top level", "headers") else None
+
+
 def expected_context(message: Mapping[str, Any]) -> Any:
     flat = {key: value for key in TRACE_KEYS if (value := first_string(message, key)) is not None}
     return propagate.extract(flat)
@@ -260,8 +266,8 @@ def span_refs(value: str | None) -> list[tuple[int, int]]:
 
 def expected_links(message: Mapping[str, Any]) -> list[tuple[int, int]]:
     """(trace id, span id) the span links to: a retry's previous attempt, then a chord's headers."""
-    previous = span_refs(first_string(message, PREVIOUS)) if message.get("retries") else []
-    return previous + span_refs(first_string(message, CHORD))[:128]
+    previous = span_refs(own_string(message, PREVIOUS)) if message.get("retries") else []
+    return previous + span_refs(own_string(message, CHORD))[:128]
 
 
 # -- fixtures ---------------------------------------------------------------------------

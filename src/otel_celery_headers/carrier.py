@@ -46,39 +46,76 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
-    if isinstance(mapping, Mapping):
-        inner = mapping.get(key)
-        if isinstance(inner, Mapping):
-            return inner
+def _mapping(value: object) -> Mapping[str, Any] | None:
+    # type() first: Celery's headers are plain dicts, and an isinstance() against the
+    # Mapping ABC costs several times more; it runs on every lookup of every task.
+    if value is None:  # the usual miss: skip the ABC check below
+        return None
+    if type(value) is dict or isinstance(value, Mapping):
+        return value
     return None
+
+
+def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
+    outer = _mapping(mapping)
+    return None if outer is None else _mapping(outer.get(key))
 
 
 def find_header(request: object, key: str) -> str | None:
     """Return the string value of header ``key`` on a Celery request, or None.
 
     The worker's main process passes message headers wrapped in a SimpleNamespace, so
-    everything here reads attributes, the shape of ``task.request``.
+    everything here reads attributes, the shape of ``task.request``. Both keep them in
+    the instance ``__dict__``, read directly: a missing attribute then costs a dict
+    miss instead of a raised and caught AttributeError.
     """
-    value = _str_or_none(getattr(request, key, None))
-    if value is not None:
+    own = getattr(request, "__dict__", None)
+    if type(own) is dict:
+        value = own.get(key)
+        custom = own.get("headers")
+    else:
+        value = getattr(request, key, None)
+        custom = getattr(request, "headers", None)
+    if isinstance(value, str):
         return value
-    custom = getattr(request, "headers", None)
-    if isinstance(custom, Mapping):
-        value = _str_or_none(custom.get(key))
-        if value is not None:
+    headers = _mapping(custom)
+    if headers is not None:
+        value = headers.get(key)
+        if isinstance(value, str):
             return value
-        nested = _nested(custom, NESTED_CARRIER_KEY)
+        nested = _mapping(headers.get(NESTED_CARRIER_KEY))
         if nested is not None:
-            value = _str_or_none(nested.get(key))
-            if value is not None:
+            value = nested.get(key)
+            if isinstance(value, str):
                 return value
-    seed = getattr(request, SEED_CARRIER_KEY, None)
-    if not isinstance(seed, Mapping):
-        seed = _nested(custom, SEED_CARRIER_KEY)
+    seed = own.get(SEED_CARRIER_KEY) if type(own) is dict else getattr(request, SEED_CARRIER_KEY, None)
+    seed = _mapping(seed)
+    if seed is None and headers is not None:
+        seed = _mapping(headers.get(SEED_CARRIER_KEY))
     if seed is not None:
         return _str_or_none(seed.get(key))
     return None
+
+
+def own_header(request: object, key: str) -> str | None:
+    """One of our own ``otel_celery_*`` headers, or None.
+
+    We write them at the top level of a message only, so they are read there, and in
+    ``request.headers`` (where an eager ``apply(headers=...)`` puts them), not in the
+    nested places other producers use for trace context: a miss stays cheap, and every
+    task looks for headers most messages do not have (previous attempt, chord links).
+    """
+    own = getattr(request, "__dict__", None)
+    if type(own) is dict:
+        value = own.get(key)
+        custom = own.get("headers")
+    else:
+        value = getattr(request, key, None)
+        custom = getattr(request, "headers", None)
+    if isinstance(value, str):
+        return value
+    headers = _mapping(custom)
+    return None if headers is None else _str_or_none(headers.get(key))
 
 
 class RequestGetter(Getter[Any]):

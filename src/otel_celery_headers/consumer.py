@@ -36,14 +36,14 @@ from .inbound import (
     relate,
     request_attributes,
 )
-from .carrier import find_header
+from .carrier import own_header
 from .fanin import ChordPart
 from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options
 
 
-@dataclass
+@dataclass(slots=True)
 class _Execution:
     task_id: str
     span: Span | None  # None for an excluded task: context passes through, no span
@@ -103,7 +103,7 @@ class Consumer:
                 previous = previous_attempt(request)
                 if previous is not None:
                     links = [*(links or ()), previous]
-            headers = find_header(request, fanin.CHORD_LINKS_HEADER)
+            headers = own_header(request, fanin.CHORD_LINKS_HEADER)
             if headers is not None:  # a chord body: one link per header task
                 links = [*(links or ()), *fanin.links_from(headers)]
 

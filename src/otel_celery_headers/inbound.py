@@ -21,7 +21,7 @@ from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
     RequestGetter,
-    find_header,
+    own_header,
     parse_span_ref,
 )
 from .options import TraceShape
@@ -83,7 +83,7 @@ def destination_of(delivery_info: Any) -> str:
 
 
 def previous_attempt(request: Any) -> Link | None:
-    value = find_header(request, PREVIOUS_ATTEMPT_HEADER)
+    value = own_header(request, PREVIOUS_ATTEMPT_HEADER)
     context = None if value is None else parse_span_ref(value)
     if context is None:
         return None
@@ -96,7 +96,7 @@ def queue_time(request: Any) -> float | None:
     A task with a countdown did not "wait" before its eta. Clocks of producer and
     worker machines differ: a negative difference is skew, reported as zero.
     """
-    sent = find_header(request, SENT_AT_HEADER)
+    sent = own_header(request, SENT_AT_HEADER)
     if sent is None:
         return None
     try:

@@ -64,7 +64,7 @@ _FROM_MESSAGE = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Publish:
     """One publish: lives for the duration of one apply_async/send_task call."""
 
