@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from celery import chain
+from celery import chain, chord
 from opentelemetry import baggage, context
 from opentelemetry.trace import SpanKind
 
@@ -75,3 +75,15 @@ def test_oversized_baggage_is_capped_and_the_message_is_delivered(env, exporter,
     assert 0 < len(seen["baggage"]) < 2000
     assert "key0000" in seen["baggage"]
     assert len(",".join(f"{k}={v}" for k, v in seen["baggage"].items())) <= 8192
+
+
+def test_chord_fan_in_over_rabbitmq(env, exporter, tracer):
+    """The body's links to its headers travel in an AMQP header table too."""
+    with tracer.start_as_current_span("request") as root:
+        result = chord([env.t.add.s(i, i) for i in range(4)], env.t.collect.s()).apply_async()
+    assert result.get(timeout=20) == 12
+    body = wait_for(lambda spans: one(spans, result.id, C))
+    headers = wait_for(lambda spans: (lambda found: found if len(found) == 4 else None)(
+        [s for s in spans if s.kind == C and s.name == "process t.add" and trace_id(s) == trace_id(root)
+         and attr(s, "celery.task.group_id")]))
+    assert sorted(link.context.span_id for link in body.links) == sorted(span_id(s) for s in headers)
