@@ -61,24 +61,29 @@ def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
     return None if outer is None else _mapping(outer.get(key))
 
 
+def _attribute(request: object, own: dict[str, Any] | None, name: str) -> Any:
+    return own.get(name) if own is not None else getattr(request, name, None)
+
+
+def _instance_dict(request: object) -> dict[str, Any] | None:
+    # task.request (a Context) and the main process's SimpleNamespace keep headers in
+    # the instance __dict__: a missing key is then a dict miss, not a caught
+    # AttributeError. Anything else is read with getattr.
+    own = getattr(request, "__dict__", None)
+    return own if type(own) is dict else None
+
+
 def find_header(request: object, key: str) -> str | None:
     """Return the string value of header ``key`` on a Celery request, or None.
 
     The worker's main process passes message headers wrapped in a SimpleNamespace, so
-    everything here reads attributes, the shape of ``task.request``. Both keep them in
-    the instance ``__dict__``, read directly: a missing attribute then costs a dict
-    miss instead of a raised and caught AttributeError.
+    everything here reads attributes, the shape of ``task.request``.
     """
-    own = getattr(request, "__dict__", None)
-    if type(own) is dict:
-        value = own.get(key)
-        custom = own.get("headers")
-    else:
-        value = getattr(request, key, None)
-        custom = getattr(request, "headers", None)
+    own = _instance_dict(request)
+    value = _attribute(request, own, key)
     if isinstance(value, str):
         return value
-    headers = _mapping(custom)
+    headers = _mapping(_attribute(request, own, "headers"))
     if headers is not None:
         value = headers.get(key)
         if isinstance(value, str):
@@ -88,8 +93,7 @@ def find_header(request: object, key: str) -> str | None:
             value = nested.get(key)
             if isinstance(value, str):
                 return value
-    seed = own.get(SEED_CARRIER_KEY) if type(own) is dict else getattr(request, SEED_CARRIER_KEY, None)
-    seed = _mapping(seed)
+    seed = _mapping(_attribute(request, own, SEED_CARRIER_KEY))
     if seed is None and headers is not None:
         seed = _mapping(headers.get(SEED_CARRIER_KEY))
     if seed is not None:
@@ -105,16 +109,11 @@ def own_header(request: object, key: str) -> str | None:
     nested places other producers use for trace context: a miss stays cheap, and every
     task looks for headers most messages do not have (previous attempt, chord links).
     """
-    own = getattr(request, "__dict__", None)
-    if type(own) is dict:
-        value = own.get(key)
-        custom = own.get("headers")
-    else:
-        value = getattr(request, key, None)
-        custom = getattr(request, "headers", None)
+    own = _instance_dict(request)
+    value = _attribute(request, own, key)
     if isinstance(value, str):
         return value
-    headers = _mapping(custom)
+    headers = _mapping(_attribute(request, own, "headers"))
     return None if headers is None else _str_or_none(headers.get(key))
 
 
