@@ -19,6 +19,7 @@ def test_defaults(monkeypatch):
     opts = options.load({})
     assert opts.exclude_tasks == () and opts.trace_shape == "child"
     assert opts.max_baggage_bytes == 8192 and opts.flush_timeout_ms == 5000
+    assert opts.chord_links is True
     assert opts.for_task("anything") == (False, "child")
 
 
@@ -28,7 +29,9 @@ def test_environment_is_read_at_load_time(monkeypatch):
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_TRACE_SHAPE", "reports.*=link,untrusted.*=ignore")
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_MAX_BAGGAGE_BYTES", "100")
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_FLUSH_TIMEOUT_MS", "0")
+    monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_CHORD_LINKS", " Off ")
     opts = options.load({})
+    assert opts.chord_links is False
     assert opts.for_task("celery.chord_unlock") == (True, "child")
     assert opts.for_task("health.check") == (True, "child")
     assert opts.for_task("reports.daily") == (False, "link")
@@ -54,8 +57,11 @@ def test_bad_environment_value_is_logged_and_ignored(monkeypatch, caplog):
     """A typo in the environment keeps the default and says so; it never stops the program."""
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_MAX_BAGGAGE_BYTES", "lots")
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_TRACE_SHAPE", "sideways")
+    monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_CHORD_LINKS", "maybe")
     opts = options.load({})
     assert opts.max_baggage_bytes == 8192 and opts.trace_shape == "child"
+    assert opts.chord_links is True
+    assert "OTEL_PYTHON_CELERY_HEADERS_CHORD_LINKS" in caplog.text
     assert "OTEL_PYTHON_CELERY_HEADERS_MAX_BAGGAGE_BYTES" in caplog.text
     assert "OTEL_PYTHON_CELERY_HEADERS_TRACE_SHAPE" in caplog.text
 
@@ -66,6 +72,8 @@ def test_bad_keyword_raises():
         options.load({"trace_shape": "sideways"})
     with pytest.raises(ValueError):
         options.load({"max_baggage_bytes": -1})
+    with pytest.raises(ValueError):
+        options.load({"chord_links": "no"})
 
 
 def test_raising_shape_callable_falls_back_to_child():

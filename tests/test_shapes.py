@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
+from celery import chord
 from celery.beat import Scheduler
 from opentelemetry import baggage, context
 from opentelemetry.trace import SpanKind
@@ -147,3 +148,21 @@ def attr_keys_bounded(attributes) -> bool:
     allowed = {"messaging.system", "messaging.destination.name", "messaging.operation.name",
                "celery.task.name", "celery.task.state", "error.type"}
     return set(attributes) <= allowed
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_chord_links_option_and_its_backend_keys(env, exporter, tracer, instrumented_with, enabled):
+    """chord_links (default on) stores one key per header and links the body; off: no key, no link."""
+    instrumented_with(chord_links=enabled)
+    with tracer.start_as_current_span("request") as root:
+        result = chord([env.t.add.s(i, i) for i in range(3)], env.t.collect.s()).apply_async()
+    assert result.get(timeout=20) == 6
+    body = wait_for(lambda spans: one(spans, result.id, C))
+    assert trace_id(body) == trace_id(root)
+    keys = env.app.backend.client.keys(f"*{result.parent.id}*.otel.*")
+    if enabled:
+        assert len(body.links) == 3 and len(keys) == 3
+        # The result backend's lifetime, not forever.
+        assert all(0 < env.app.backend.client.ttl(key) <= 86400 for key in keys)
+    else:
+        assert not body.links and keys == []

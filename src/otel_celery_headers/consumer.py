@@ -153,7 +153,7 @@ class Consumer:
                 report("process_hook", exc)
         activation = otel_context.attach(trace.set_span_in_context(span, base))
         execution = _Execution(task_id, span, activation, time.perf_counter(), metric_attributes)
-        if getattr(request, "chord", None):
+        if getattr(request, "chord", None) and self._options.chord_links:
             part = fanin.part_of(request, task.backend)
             if part is not None:
                 fanin.remember(part, getattr(request, "group_index", None), span.get_span_context())

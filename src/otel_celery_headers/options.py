@@ -46,6 +46,7 @@ class InstrumentKwargs(TypedDict, total=False):
     max_baggage_bytes: int
     flush_timeout_ms: int
     child_flush_interval_ms: int
+    chord_links: bool
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class Options:
     #: In a prefork pool child, export at most this often after tasks end, so a
     #: killed child loses no finished task's span. 0: only flush at child exit.
     child_flush_interval_ms: int = 200
+    #: Chord headers store their span context in the result backend so the body's
+    #: span can link to each of them (fanin.py). False: no keys written, no links.
+    chord_links: bool = True
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -154,6 +158,23 @@ def _check_count(value: Any) -> int:
     return number
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE or word in _FALSE:
+        return word in _TRUE
+    raise ValueError(f"expected one of {_TRUE + _FALSE}")
+
+
+def _check_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be True or False, not {value!r}")
+    return value
+
+
 def load(kwargs: Mapping[str, Any]) -> Options:
     """Build the options from keywords, then environment, then defaults.
 
@@ -187,5 +208,11 @@ def load(kwargs: Mapping[str, Any]) -> Options:
             values[number] = _check_count(value)
         elif (value := _env(number.upper(), _check_count)) is not None:
             values[number] = value
+
+    chord_links = kwargs.get("chord_links")
+    if chord_links is not None:
+        values["chord_links"] = _check_bool(chord_links)
+    elif (chord_links := _env("CHORD_LINKS", _parse_bool)) is not None:
+        values["chord_links"] = chord_links
 
     return Options(**values)
