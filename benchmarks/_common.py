@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: providers, the variants, a throwaway Redis.
+"""Shared pieces of the benchmarks: providers, the variants, a throwaway Redis, a counting worker.
 
 Each variant is switched on and off in the running process (``Variant.on()`` /
 ``Variant.off()``), so benchmarks can interleave them round by round and machine
@@ -38,16 +38,21 @@ Spans go to a ``BatchSpanProcessor`` whose exporter only counts them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import signals
+from celery import Celery, signals
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
@@ -60,6 +65,9 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.trace import SpanKind
+
+if TYPE_CHECKING:  # imported where used: only the worker benchmarks need redis-py
+    import redis
 
 DEFAULT_VARIANTS = ("none", "floor", "official", "ours", "ours_metrics")
 ALL_VARIANTS = (
@@ -364,3 +372,215 @@ def redis_server() -> Iterator[str]:
 
     with servers.redis_server() as (url, _proc):
         yield f"{url}/0"
+
+
+# -- a counting worker ------------------------------------------------------------------
+#
+# The end-to-end benchmarks fill a queue from this process, then start a worker
+# subprocess (the same script, with --worker) that drains it. The worker's task counts
+# its executions; the one that brings the count to the expected number pushes a JSON
+# report onto a Redis list, which the driver waits for with BLPOP.
+
+
+def worker_app(main: str) -> Any:
+    """A Celery app for a benchmark worker; its broker comes from ``BENCH_BROKER_URL``.
+
+    ``start_worker`` sets that variable for the subprocess; the driver sets
+    ``app.conf.broker_url`` itself once its throwaway Redis is up.
+    """
+    app = Celery(main, broker=os.environ.get("BENCH_BROKER_URL", "memory://"),
+                 set_as_current=False)
+    app.conf.update(
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_prefetch_multiplier=16,
+    )
+    return app
+
+
+@dataclass
+class Tally:
+    """Worker-side count of a ``counting_task``'s executions, and where to report it.
+
+    ``expect`` arms it in the worker; ``extra`` adds the script's own fields to the
+    report, and is called once, after the clock has stopped.
+    """
+
+    expected: int = 0
+    report_key: str = ""
+    extra: Callable[[], dict[str, Any]] = dict
+    done: int = 0
+    first: float = 0.0
+
+    def expect(self, expected: int, report_key: str,
+               extra: Callable[[], dict[str, Any]] = dict) -> None:
+        self.expected = expected
+        self.report_key = report_key
+        self.extra = extra
+
+
+def counting_task(app: Any, name: str, tally: Tally) -> Any:
+    """Register task ``name(i) -> i`` on ``app``, counting into ``tally``.
+
+    The first execution starts the clock; the expected one stops it and RPUSHes
+    ``{"tasks": ..., "seconds": ..., **tally.extra()}`` to ``tally.report_key`` on the
+    broker's Redis. ``seconds`` runs from the start of the first task to the end of
+    the last, so the worker's start-up is not in it.
+    """
+
+    def count(i: int) -> int:
+        if tally.done == 0:
+            tally.first = time.perf_counter()
+        tally.done += 1
+        if tally.done == tally.expected:
+            seconds = time.perf_counter() - tally.first
+            import redis
+
+            report = {"tasks": tally.done, "seconds": seconds, **tally.extra()}
+            client = redis.Redis.from_url(app.conf.broker_url)
+            client.rpush(tally.report_key, json.dumps(report))
+        return i
+
+    # Not as a decorator: Celery is untyped, and an untyped decorator would untype count.
+    return app.task(name=name)(count)
+
+
+def run_solo_worker(app: Any, queue: str) -> None:
+    """Consume ``queue`` in this process with a solo worker until SIGTERM."""
+    app.worker_main([
+        "worker", "--pool", "solo", "--concurrency", "1", "--queues", queue,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--loglevel", "WARNING", "--hostname", f"{queue}@localhost",
+    ])
+
+
+def start_worker(script: str, broker: str, options: Sequence[str], queue: str,
+                 expected: int, report_key: str) -> subprocess.Popen[bytes]:
+    """Run ``script --worker OPTIONS --queue ... --expect ... --report-key ...`` against ``broker``.
+
+    Its stdout is dropped; its stderr is kept for ``stop_worker`` to return.
+    """
+    env = dict(os.environ, BENCH_BROKER_URL=broker, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, str(Path(script).resolve()), "--worker", *options, "--queue", queue,
+         "--expect", str(expected), "--report-key", report_key],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def stop_worker(proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
+    """End a worker from ``start_worker``: SIGTERM, and SIGKILL after ``timeout`` s; its stderr."""
+    if proc.poll() is None:
+        proc.terminate()  # SIGTERM: the worker's warm shutdown
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err.decode(errors="replace")
+
+
+def wait_for_report(client: redis.Redis, proc: subprocess.Popen[bytes], report_key: str,
+                    label: str, deadline_s: float = 120) -> tuple[dict[str, Any], str]:
+    """Wait for a worker's report, then stop the worker; the report and its stderr.
+
+    Raises ``RuntimeError`` with the worker's stderr when no report came: the worker
+    exited without one, or ``deadline_s`` passed.
+    """
+    reply = None
+    try:
+        deadline = time.monotonic() + deadline_s
+        while reply is None and time.monotonic() < deadline:
+            exited = proc.poll() is not None
+            # Short BLPOPs: redis-py 8 gives up reading a socket after 5 s by default.
+            reply = client.blpop([report_key], timeout=1)
+            if exited:
+                break  # after one more BLPOP, so a report pushed just before exit is seen
+    finally:
+        err = stop_worker(proc)
+    if reply is None:
+        raise RuntimeError(f"worker for {label} did not finish:\n{err}")
+    return json.loads(reply[1]), err
+
+
+def drain_queue(client: redis.Redis, broker: str, script: str, options: Sequence[str],
+                queue: str, tasks: int, label: str) -> tuple[dict[str, Any], str]:
+    """Have a worker subprocess run the ``tasks`` messages in ``queue``; its report and stderr.
+
+    Checks that the queue holds exactly that many before the worker starts, and that
+    the worker ran them all; then deletes the queue and the report.
+    """
+    queued = client.llen(queue)
+    if queued != tasks:
+        raise RuntimeError(f"{queued} messages in {queue}, expected {tasks}")
+    report_key = f"bench:report:{queue}"
+    proc = start_worker(script, broker, options, queue, tasks, report_key)
+    report, err = wait_for_report(client, proc, report_key, label)
+    if report["tasks"] != tasks:
+        raise RuntimeError(f"{label}: worker ran {report['tasks']} tasks\n{err}")
+    client.delete(queue, report_key)
+    return report, err
+
+
+# -- the driver's rounds and results -----------------------------------------------------
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The hidden options ``start_worker`` passes to the script's worker subprocess."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--queue", help=argparse.SUPPRESS)
+    parser.add_argument("--expect", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--report-key", help=argparse.SUPPRESS)
+
+
+def run_rounds(names: Sequence[str], rounds: int,
+               run: Callable[[str], dict[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """Call ``run(name)`` for every name, ``rounds`` times; each name's results per key.
+
+    Each round starts one name further along than the one before, so that drift
+    (CPU frequency, other load) does not always hit the same name first. ``run``
+    returns at least ``publish_per_s`` and ``worker_per_s``; a line per round shows them.
+    """
+    order = list(names)
+    raw: dict[str, dict[str, list[float]]] = {
+        name: {"publish_per_s": [], "worker_per_s": []} for name in order
+    }
+    for round_no in range(rounds):
+        shift = round_no % len(order)
+        line = []
+        for name in order[shift:] + order[:shift]:
+            result = run(name)
+            for key, value in result.items():
+                raw[name].setdefault(key, []).append(value)
+            line.append(f"{name} {result['publish_per_s']:.0f}/{result['worker_per_s']:.0f}")
+        print(f"round {round_no + 1}: " + "  ".join(line) + "  (tasks/s publish/worker)",
+              flush=True)
+    return raw
+
+
+def paired_summary(raw: dict[str, dict[str, list[float]]], base: str) -> dict[str, dict[str, Any]]:
+    """Each name's median per key, and, if ``base`` ran, its rates relative to ``base``'s.
+
+    The relative rates are ``publish_vs_<base>`` and ``worker_vs_<base>``: medians of
+    the per-round ratios, so that each round is compared with itself.
+    """
+    summary: dict[str, dict[str, Any]] = {}
+    base_rounds = raw.get(base)
+    for name, rounds in raw.items():
+        row: dict[str, Any] = {key: median(values) for key, values in rounds.items()}
+        if base_rounds is not None:
+            for key in ("publish_per_s", "worker_per_s"):
+                row[key.replace("per_s", f"vs_{base}")] = median(
+                    [v / b for v, b in zip(rounds[key], base_rounds[key])])
+        summary[name] = row
+    return summary
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results``, plus the Python version and the platform, to ``path`` as JSON."""
+    path.write_text(json.dumps({
+        **results, "python": sys.version.split()[0], "platform": platform.platform(),
+    }, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -32,12 +32,7 @@ still queued, or was dropped by the processor).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -49,8 +44,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import redis
-from _common import median, redis_server
-from celery import Celery
+from _common import (
+    Tally,
+    add_worker_options,
+    counting_task,
+    drain_queue,
+    paired_summary,
+    redis_server,
+    run_rounds,
+    run_solo_worker,
+    worker_app,
+    write_json,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -93,89 +98,36 @@ def make_provider(kind: str) -> tuple[TracerProvider, Exporter]:
     return provider, exporter
 
 
-app = Celery("exporter_faults", broker=os.environ.get("BENCH_BROKER_URL", "memory://"),
-             set_as_current=False)
-app.conf.update(
-    task_ignore_result=True,
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-    worker_redirect_stdouts=False,
-    worker_prefetch_multiplier=16,
-)
-
-# Worker-side bookkeeping, filled in by --worker.
-_expected = 0
-_done = 0
-_first = 0.0
-_report_key = ""
-_exporter: Exporter | None = None
-
-
-@app.task(name=TASK)
-def work(i: int) -> int:
-    global _done, _first
-    if _done == 0:
-        _first = time.perf_counter()
-    _done += 1
-    if _done == _expected:
-        seconds = time.perf_counter() - _first
-        assert _exporter is not None
-        client = redis.Redis.from_url(app.conf.broker_url)
-        client.rpush(_report_key, json.dumps({
-            "tasks": _done, "seconds": seconds,
-            "export_calls": _exporter.calls, "spans_to_exporter": _exporter.spans,
-        }))
-    return i
+app = worker_app("exporter_faults")
+tally = Tally()  # worker side, armed by --worker
+work = counting_task(app, TASK, tally)
 
 
 # -- worker subprocess -------------------------------------------------------------------
 
 
 def run_worker(kind: str, queue: str, expected: int, report_key: str) -> int:
-    global _expected, _report_key, _exporter
     from otel_celery_headers import CeleryHeadersInstrumentor
 
-    _expected = expected
-    _report_key = report_key
-    provider, _exporter = make_provider(kind)
+    provider, exporter = make_provider(kind)
+
+    def export_counts() -> dict[str, Any]:
+        return {"export_calls": exporter.calls, "spans_to_exporter": exporter.spans}
+
+    tally.expect(expected, report_key, export_counts)
     CeleryHeadersInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
-    app.worker_main([
-        "worker", "--pool", "solo", "--concurrency", "1", "--queues", queue,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--loglevel", "WARNING", "--hostname", f"{queue}@localhost",
-    ])
-    _exporter.shutdown()  # ends a blocked export at once
+    run_solo_worker(app, queue)
+    exporter.shutdown()  # ends a blocked export at once
     return 0
 
 
 # -- driver -----------------------------------------------------------------------------
 
 
-def _worker(broker: str, kind: str, queue: str, expected: int, report_key: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, BENCH_BROKER_URL=broker, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", "--exporter", kind,
-         "--queue", queue, "--expect", str(expected), "--report-key", report_key],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # warm shutdown
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return err.decode(errors="replace")
-
-
 def one_run(broker: str, client: redis.Redis, kind: str, tasks: int) -> dict[str, float]:
     from otel_celery_headers import CeleryHeadersInstrumentor
 
     queue = f"bench-faults-{kind}-{uuid.uuid4().hex[:8]}"
-    report_key = f"bench:report:{queue}"
     provider, exporter = make_provider(kind)
     instrumentor = CeleryHeadersInstrumentor()
     instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
@@ -190,25 +142,8 @@ def one_run(broker: str, client: redis.Redis, kind: str, tasks: int) -> dict[str
         instrumentor.uninstrument()
         exporter.shutdown()
         provider.shutdown()
-    queued = client.llen(queue)
-    if queued != tasks:
-        raise RuntimeError(f"{queued} messages in {queue}, expected {tasks}")
 
-    proc = _worker(broker, kind, queue, tasks, report_key)
-    try:
-        # Short BLPOPs: redis-py 8 gives up reading a socket after 5 s by default.
-        deadline = time.monotonic() + 120
-        reply = None
-        while reply is None and time.monotonic() < deadline and proc.poll() is None:
-            reply = client.blpop([report_key], timeout=1)
-        if reply is None:
-            raise RuntimeError(f"worker for {kind} did not finish:\n{_stop(proc)}")
-    finally:
-        err = _stop(proc)
-    report = json.loads(reply[1])
-    if report["tasks"] != tasks:
-        raise RuntimeError(f"{kind}: worker ran {report['tasks']} tasks\n{err}")
-    client.delete(queue, report_key)
+    report, _ = drain_queue(client, broker, __file__, ["--exporter", kind], queue, tasks, kind)
     return {
         "publish_per_s": tasks / publish_seconds,
         "worker_per_s": (tasks - 1) / report["seconds"],
@@ -223,11 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     # Internal: the worker subprocess.
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_options(parser)
     parser.add_argument("--exporter", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--queue", help=argparse.SUPPRESS)
-    parser.add_argument("--expect", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--report-key", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -236,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     # The SDK logs the raising exporter's traceback (at most every 20 s): keep the table readable.
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.CRITICAL)
     started = time.perf_counter()
-    raw: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
     with redis_server() as broker:
         app.conf.broker_url = broker
         client = redis.Redis.from_url(broker)
@@ -244,26 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             work.apply_async((i,), queue="bench-faults-warmup")
         client.delete("bench-faults-warmup")
         one_run(broker, client, "healthy", max(args.tasks // 5, 10))  # a warm-up round, not counted
-        for round_no in range(args.rounds):
-            shift = round_no % len(VARIANTS)
-            line = []
-            for kind in VARIANTS[shift:] + VARIANTS[:shift]:
-                result = one_run(broker, client, kind, args.tasks)
-                for key, value in result.items():
-                    raw[kind].setdefault(key, []).append(value)
-                line.append(f"{kind} {result['publish_per_s']:.0f}/{result['worker_per_s']:.0f}")
-            print(f"round {round_no + 1}: " + "  ".join(line) + "  (tasks/s publish/worker)",
-                  flush=True)
+        raw = run_rounds(VARIANTS, args.rounds,
+                         lambda kind: one_run(broker, client, kind, args.tasks))
 
-    summary: dict[str, Any] = {}
-    base = raw["healthy"]
-    for kind in VARIANTS:
-        row: dict[str, Any] = {k: median(v) for k, v in raw[kind].items()}
-        for key in ("publish_per_s", "worker_per_s"):
-            # Paired per round: this variant's rate relative to the same round's healthy one.
-            row[key.replace("per_s", "vs_healthy")] = median(
-                [v / b for v, b in zip(raw[kind][key], base[key])])
-        summary[kind] = row
+    # Paired per round: each faulty exporter's rate relative to the same round's healthy one.
+    summary = paired_summary(raw, "healthy")
 
     elapsed = time.perf_counter() - started
     print(f"\n{args.tasks} tasks x {args.rounds} rounds per exporter, Redis broker, solo worker; "
@@ -281,12 +197,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['worker_spans_to_exporter']:>10.0f} of {args.tasks}")
     print(f"\n({elapsed:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({
+        write_json(args.json, {
             "benchmark": "exporter_faults", "tasks": args.tasks, "rounds": args.rounds,
             "summary": summary, "rounds_raw": raw, "seconds": elapsed,
-            "python": sys.version.split()[0], "platform": platform.platform(),
-        }, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        })
     return 0
 
 
