@@ -189,6 +189,19 @@ def test_chord_with_more_headers_than_one_read(env, exporter, tracer):
     assert chord_links(body) == {span_id(s) for s in header_spans(root, 20)}
 
 
+def test_chord_of_chains_links_the_step_that_reports_to_the_chord(env, exporter, tracer):
+    """Chains as headers: the body links to each chain's last step (the one that completes its part)."""
+    with tracer.start_as_current_span("request") as root:
+        result = chord([chain(env.t.add.s(i, i), env.t.add.s(10)) for i in range(3)],
+                       env.t.collect.s()).apply_async()
+    assert result.get(timeout=TIMEOUT) == 36
+    _, body = pair(result.id)
+    steps = wait_for(lambda spans: (lambda found: found if len(found) == 6 else None)(
+        [s for s in spans if s.kind == C and s.name == "process t.add" and trace_id(s) == trace_id(root)]))
+    last_steps = {span_id(s) for s in steps if attr(s, "celery.task.parent_id")}
+    assert len(last_steps) == 3 and chord_links(body) == last_steps
+
+
 def test_chord_chain_body_links_its_first_task(env, exporter, tracer):
     """A chain as the body: its first task is what the finishing header sends; it carries the links."""
     with tracer.start_as_current_span("request") as root:
