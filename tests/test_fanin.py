@@ -8,7 +8,10 @@ as the body, and that a result backend that fails costs the chord nothing.
 from __future__ import annotations
 
 import socket
+import time
 from types import SimpleNamespace
+
+import pytest
 
 from celery import Celery, chain, chord, group
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -47,50 +50,83 @@ def header_request(app: Celery, body) -> SimpleNamespace:
     return SimpleNamespace(chord=dict(sig.body), group="g-1", group_index=0)
 
 
+def redis_backend(url: str = "redis://127.0.0.1:1/0"):
+    """A real RedisBackend; nothing connects until a command is sent."""
+    return app_with(url).backend
+
+
 def test_body_ids_for_task_chain_and_group_bodies():
     """The ids a finishing header publishes the body under, for each body shape."""
-    app = app_with("cache+memory://")
+    app = app_with("cache+memory://")  # builds the canvas without a server
     add, collect = app.tasks["t.add"], app.tasks["t.collect"]
+    backend = redis_backend()
 
     plain = collect.s()
-    part = fanin.part_of(header_request(app, plain), app.backend)
+    part = fanin.part_of(header_request(app, plain), backend)
     assert part is not None and part.group_id == "g-1"
     assert part.body_ids == {plain.id}
 
     steps = chain(collect.s(), add.s(1))
-    part = fanin.part_of(header_request(app, steps), app.backend)
+    part = fanin.part_of(header_request(app, steps), backend)
     first = part.body_ids - {steps.id}
     assert len(first) == 1 and first != {steps.tasks[1].id}
 
     both = group(collect.s(), collect.s())
-    part = fanin.part_of(header_request(app, both), app.backend)
+    part = fanin.part_of(header_request(app, both), backend)
     assert {both.id, *(t.id for t in both.tasks)} <= part.body_ids
 
 
-def test_not_a_chord_header_or_no_key_value_backend():
-    """A plain task, or a backend without key-value access (rpc): nothing to do, nothing written."""
-    cache = app_with("cache+memory://")
-    assert fanin.part_of(SimpleNamespace(chord=None, group="g"), cache.backend) is None
-    assert fanin.part_of(SimpleNamespace(chord={"task": "t.collect"}, group=None), cache.backend) is None
-    rpc = app_with("rpc://")
-    assert fanin.part_of(header_request(rpc, rpc.tasks["t.collect"].s()), rpc.backend) is None
+def test_not_a_chord_header_or_not_a_redis_backend():
+    """A plain task, or a result backend other than Redis: nothing to do, nothing written."""
+    backend = redis_backend()
+    assert fanin.part_of(SimpleNamespace(chord=None, group="g"), backend) is None
+    assert fanin.part_of(SimpleNamespace(chord={"task": "t.collect"}, group=None), backend) is None
+    for url in ("rpc://", "cache+memory://"):
+        other = app_with(url)
+        assert fanin.part_of(header_request(other, other.tasks["t.collect"].s()), other.backend) is None
 
 
-def test_unreachable_backend_is_reported_once_and_swallowed():
-    """Redis down: the header's write and the body's read fail inside us, logged once each, never raised."""
-    app = app_with(f"redis://127.0.0.1:{free_port()}/0")
-    app.conf.redis_socket_connect_timeout = 0.5
+@pytest.fixture
+def unpaused(monkeypatch):
+    monkeypatch.setattr(fanin, "_paused_until", 0.0)
+
+
+def part_on(url: str) -> fanin.ChordPart:
     request = SimpleNamespace(chord={"task": "t.collect", "options": {"task_id": "b"}}, group="g")
-    part = fanin.part_of(request, app.backend)
+    part = fanin.part_of(request, redis_backend(url))
     assert part is not None
+    return part
+
+
+def test_refused_connection_is_reported_once_then_fan_in_pauses(unpaused):
+    """Redis down: the header's write fails inside us, logged once, never raised; then no more tries for a while."""
+    part = part_on(f"redis://127.0.0.1:{free_port()}/0")
     with capture_our_logger() as logged:
-        for _ in range(3):
-            fanin.remember(part, 0, CONTEXT)
-            assert fanin.collect(part) is None
+        fanin.remember(part, CONTEXT)
+        started = time.monotonic()
+        for _ in range(100):
+            fanin.remember(part, CONTEXT)
+            assert fanin.collect(part_on(f"redis://127.0.0.1:{free_port()}/0")) is None
+        assert time.monotonic() - started < 0.5  # paused: no connection attempts
     assert [r.getMessage().split(" ignored")[0] for r in logged] == [
-        "otel-celery-headers: error in chord header store",
-        "otel-celery-headers: error in chord header read",
-    ]
+        "otel-celery-headers: error in chord header store"]
+
+
+def test_redis_that_never_answers_costs_one_short_timeout(unpaused):
+    """A server that accepts and never replies (a hung Redis): the task waits TIMEOUT_S once, not 120 s."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        part = part_on(f"redis://127.0.0.1:{silent.getsockname()[1]}/0")
+        with capture_our_logger() as logged:
+            started = time.monotonic()
+            fanin.remember(part, CONTEXT)
+            first = time.monotonic() - started
+            assert fanin.collect(part) is None
+            total = time.monotonic() - started
+    assert fanin.TIMEOUT_S <= first < fanin.TIMEOUT_S + 2
+    assert total - first < 0.1  # the read came during the pause
+    assert len(logged) == 1
 
 
 def test_links_parse_strictly_and_stop_at_the_limit():

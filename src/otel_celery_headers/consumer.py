@@ -154,10 +154,13 @@ class Consumer:
         activation = otel_context.attach(trace.set_span_in_context(span, base))
         execution = _Execution(task_id, span, activation, time.perf_counter(), metric_attributes)
         if getattr(request, "chord", None) and self._options.chord_links:
-            part = fanin.part_of(request, task.backend)
-            if part is not None:
-                fanin.remember(part, getattr(request, "group_index", None), span.get_span_context())
-                execution.chord = part
+            try:
+                part = fanin.part_of(request, task.backend)
+                if part is not None:
+                    fanin.remember(part, span.get_span_context())
+                    execution.chord = part
+            except Exception as exc:  # noqa: BLE001 - the context is attached: return it
+                report("chord header", exc)
         return execution
 
     @staticmethod

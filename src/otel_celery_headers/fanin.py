@@ -9,25 +9,34 @@ span contexts, and the body's message carries no group id the body could look up
 The one store every header worker shares is the result backend a chord already
 requires. So:
 
-1. A header task, when its span starts, writes ``<trace id>-<span id>`` under
-   ``<group key>.otel.<group_index>`` (the backend's own group key, so a configured
-   key prefix applies), with the backend's result lifetime. Every header starts its
-   span before it reports its part, so every key is written before the body is sent.
+1. A header task, when its span starts, appends ``<trace id>-<span id>`` to the list
+   ``<group key>.otel`` (the backend's own group key, so a configured key prefix
+   applies), with the backend's result lifetime. Every header starts its span before it
+   reports its part, so every entry is there before the body is sent. A list, not a key
+   per ``group_index``: protocol 1 messages reach the worker without their index, and
+   ``Task.add_to_chord`` reuses its caller's.
 2. When the finishing header publishes the body (recognised by the body's frozen task
-   id, or its group id for a group body), the producer reads those keys with one
-   ``mget`` (two for chords over 16 headers) and puts them in the body message's
-   ``otel_celery_chord_headers`` header.
+   id, or its group id for a group body), the producer reads the list with one
+   ``LRANGE`` and puts it in the body message's ``otel_celery_chord_headers`` header.
 3. The body's CONSUMER span parses that header and starts with one link per header.
 
-Costs fall on chords only: one backend write per header task, one read per body, a
-header of about 50 bytes per link (at most ``MAX_LINKS``, the SDK's default link
-limit). Backends without key-value access (database, rpc) get no links: the body
-stays a child of the last header, as before. A failing backend is reported once and
-the chord runs on untouched.
+Costs fall on chords only: one Redis round trip per header task (RPUSH and EXPIRE in a
+pipeline), one per body (LRANGE), a header of about 50 bytes per link (at most
+``MAX_LINKS``, the SDK's default link limit; a retried header is there once per attempt).
+
+Only the Redis result backend (and Sentinel) takes part: it is what our users run,
+its lists are one round trip to append to or read, and its keys expire. Our calls go through a client of
+their own with a short timeout (``TIMEOUT_S``), not the backend's (whose socket
+timeout is 120 s by default and which retries): a Redis that hangs costs a chord
+header at most that long, and after any error the fan-in pauses for ``PAUSE_S`` in
+this process, so an outage costs one timeout per pause, not one per task. Other
+backends get no links; the body stays a child of the last header, as before.
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,15 +50,22 @@ from .carrier import parse_span_ref, span_ref
 CHORD_LINKS_HEADER = "otel_celery_chord_headers"
 
 #: At most this many links (the SDK's default ``OTEL_SPAN_LINK_COUNT_LIMIT``); a
-#: chord with more headers links to the first ones by group index.
+#: chord with more headers links to the first ones to start.
 MAX_LINKS = 128
-_FIRST_READ = 16
 _DEFAULT_TTL_S = 86400
+#: Socket timeout of our Redis calls (connect and reply); a healthy Redis answers in
+#: well under a millisecond.
+TIMEOUT_S = 0.5
+#: After an error, no fan-in work in this process for this long.
+PAUSE_S = 30.0
+
+_paused_until = 0.0
+_clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 LINK_ATTRIBUTES: Mapping[str, str] = {"celery.link": "chord_header"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChordPart:
     """A header task of a chord, as its worker sees it."""
 
@@ -58,6 +74,9 @@ class ChordPart:
     # Ids a message of the body is published under: the body's frozen task id, a
     # chain body's first task's, a group body's tasks' (checked against the group id too).
     body_ids: frozenset[str]
+    # What collect() read, kept: a group body publishes one message per task.
+    links: str | None = None
+    collected: bool = False
 
 
 def part_of(request: Any, backend: Any) -> ChordPart | None:
@@ -66,17 +85,43 @@ def part_of(request: Any, backend: Any) -> ChordPart | None:
     if not isinstance(body, Mapping):
         return None
     group_id = getattr(request, "group", None)
-    if not isinstance(group_id, str) or not _key_value(backend):
+    if not isinstance(group_id, str) or not _is_redis(backend):
         return None
     return ChordPart(backend, group_id, _entry_ids(body))
 
 
-def _key_value(backend: Any) -> bool:
-    # KeyValueStoreBackend (Redis, memcached, ...) implements mget; the base class's
-    # raises NotImplementedError, which the read reports once.
-    return callable(getattr(backend, "mget", None)) and callable(
-        getattr(backend, "get_key_for_group", None)
-    )
+def _is_redis(backend: Any) -> bool:
+    try:
+        from celery.backends.redis import RedisBackend
+    except ImportError:  # pragma: no cover - Celery always ships it
+        return False
+    return isinstance(backend, RedisBackend)
+
+
+def _client(backend: Any) -> Any:
+    """A Redis client of the backend's server with our short timeouts (one per backend)."""
+    client = _clients.get(backend)
+    if client is None:
+        params = dict(backend.connparams)
+        params["socket_timeout"] = TIMEOUT_S
+        if "path" not in params:  # a unix socket connection takes no connect timeout
+            params["socket_connect_timeout"] = TIMEOUT_S
+        params["retry_on_timeout"] = False
+        # The backend's own factory: the same server, TLS, credentials and Sentinel
+        # discovery as the backend, only the timeouts are ours.
+        client = backend._create_client(**params)
+        _clients[backend] = client
+    return client
+
+
+def _paused() -> bool:
+    return time.monotonic() < _paused_until
+
+
+def _failed(where: str, exc: Exception) -> None:
+    global _paused_until
+    _paused_until = time.monotonic() + PAUSE_S
+    report(where, exc)
 
 
 def _entry_ids(body: Mapping[str, Any]) -> frozenset[str]:
@@ -96,55 +141,44 @@ def _entry_ids(body: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(ids)
 
 
-def _key(part: ChordPart, index: int) -> Any:
-    return part.backend.get_key_for_group(part.group_id, f".otel.{index}")
+def _key(part: ChordPart) -> Any:
+    return part.backend.get_key_for_group(part.group_id, ".otel")
 
 
-def remember(part: ChordPart, index: object, context: SpanContext) -> None:
-    """Store this header's span context for the body's links."""
-    if not isinstance(index, int) or index < 0 or index >= MAX_LINKS:
-        return
-    if not context.trace_flags.sampled:
-        return  # nothing recorded to link to: save the write
-    value = span_ref(context)
-    backend = part.backend
+def remember(part: ChordPart, context: SpanContext) -> None:
+    """Append this header's span context to the chord's list, for the body's links."""
+    if not context.trace_flags.sampled or _paused():
+        return  # nothing recorded to link to, or Redis failed a moment ago
     try:
-        key = _key(part, index)
-        client = getattr(backend, "client", None)
-        if client is not None and callable(getattr(client, "set", None)) and hasattr(
-            backend, "expires"
-        ):
-            # Redis: one SET with expiry. backend.set() would also PUBLISH the value
-            # and retry with the backend's policy, stalling the task if Redis is down.
-            client.set(key, value, ex=int(backend.expires or _DEFAULT_TTL_S))
-        else:
-            backend.set(key, value)
+        key = _key(part)
+        pipe = _client(part.backend).pipeline(transaction=False)
+        pipe.rpush(key, span_ref(context))
+        pipe.expire(key, int(part.backend.expires or _DEFAULT_TTL_S))
+        pipe.execute()
     except Exception as exc:  # noqa: BLE001 - the chord must run on without links
-        report("chord header store", exc)
+        _failed("chord header store", exc)
 
 
 def collect(part: ChordPart) -> str | None:
     """The stored header span contexts, as the body message's header value."""
-    try:
-        found, more = _read(part, 0, _FIRST_READ)
-        if more:  # the 16th header exists: read the rest in one more round trip
-            found += _read(part, _FIRST_READ, MAX_LINKS)[0]
-    except Exception as exc:  # noqa: BLE001
-        report("chord header read", exc)
+    if part.collected:
+        return part.links
+    part.collected = True
+    if _paused():
         return None
-    return " ".join(found) or None
-
-
-def _read(part: ChordPart, start: int, stop: int) -> tuple[list[str], bool]:
-    """Stored values for indexes [start, stop), and whether the last one was there."""
-    values = part.backend.mget([_key(part, i) for i in range(start, stop)])
+    try:
+        values = _client(part.backend).lrange(_key(part), 0, MAX_LINKS - 1)
+    except Exception as exc:  # noqa: BLE001
+        _failed("chord header read", exc)
+        return None
     found: list[str] = []
     for value in values:
         if isinstance(value, bytes):
             value = value.decode("ascii", "replace")
         if isinstance(value, str) and parse_span_ref(value) is not None:
             found.append(value)
-    return found, bool(values) and values[-1] is not None
+    part.links = " ".join(found) or None
+    return part.links
 
 
 def links_from(value: str | None) -> list[Link]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,8 +157,7 @@ class Producer:
             _beat_entry.reset(marker)
             otel_context.detach(activation)
 
-    def _open(self, publish: _Publish, headers: MutableMapping[str, Any], body: Any,
-              destination: str) -> Span:
+    def _open(self, publish: _Publish, facts: Mapping[str, Any], destination: str) -> Span:
         """Start the publish's span with every attribute, and make it current."""
         system = attrs.messaging_system(publish.app)
         attributes: dict[str, Any] = {
@@ -168,8 +167,6 @@ class Producer:
             attrs.MESSAGING_DESTINATION_NAME: destination,
             attrs.CELERY_TASK_NAME: publish.name,
         }
-        # Protocol 2 puts the task's facts in the headers, protocol 1 in the body.
-        facts = headers if "id" in headers or not isinstance(body, dict) else body
         for key, attr in _FROM_MESSAGE:
             value = facts.get(key)
             if isinstance(value, str):
@@ -242,10 +239,12 @@ class Producer:
         if headers is None:
             return
         try:
+            # Protocol 2 puts the task's facts in the headers, protocol 1 in the body.
+            facts = headers if "id" in headers or not isinstance(body, dict) else body
             publish: _Publish | None = current_publish.get()
             if publish is not None and publish.span is None:
-                self._open(publish, headers, body, routing_key or exchange or "")
-            self._inject(headers)
+                self._open(publish, facts, routing_key or exchange or "")
+            self._inject(headers, facts)
             hook = self._options.publish_hook
             if hook is not None and publish is not None and publish.span is not None:
                 try:
@@ -255,7 +254,7 @@ class Producer:
         except Exception as exc:  # noqa: BLE001
             report("before_task_publish", exc)
 
-    def _inject(self, headers: MutableMapping[str, Any]) -> None:
+    def _inject(self, headers: MutableMapping[str, Any], facts: Mapping[str, Any]) -> None:
         ctx = otel_context.get_current()
         textmap = propagate.get_global_textmap()
         fields = self._propagation_fields(textmap)
@@ -270,21 +269,22 @@ class Producer:
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
         source = publishing_from()
         if source is not None:
-            self._inject_relations(headers, *source)
+            self._inject_relations(headers, facts, *source)
 
     @staticmethod
     def _inject_relations(
         headers: MutableMapping[str, Any],
+        facts: Mapping[str, Any],
         task_id: str,
         attempt: SpanContext | None,
         chord: ChordPart | None,
     ) -> None:
         """What a message published from inside a task needs to say about that task."""
-        message_id = headers.get("id")
+        message_id = facts.get("id")
         if message_id == task_id and attempt is not None:
             headers[PREVIOUS_ATTEMPT_HEADER] = span_ref(attempt)
         if chord is not None and (
-            message_id in chord.body_ids or headers.get("group") in chord.body_ids
+            message_id in chord.body_ids or facts.get("group") in chord.body_ids
         ):
             links = fanin.collect(chord)
             if links is not None:
