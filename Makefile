@@ -9,9 +9,9 @@ $(TOOLS)/bin/tox:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -q --upgrade pip 'tox>=4.11'
 
-# The whole suite in tox: type check, oldest and latest supported Celery.
+# The whole suite in tox: type check, oldest and latest supported Celery, newest Python.
 test: $(TOOLS)/bin/tox
-	$(TOOLS)/bin/tox run -e typecheck,celery53,celery5
+	$(TOOLS)/bin/tox run -e typecheck,celery53,celery5,newest
 
 $(DEMO)/bin/python:
 	$(PYTHON) -m venv $(DEMO)
