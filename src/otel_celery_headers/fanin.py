@@ -24,12 +24,12 @@ Costs fall on chords only: one Redis round trip per header task (RPUSH and EXPIR
 pipeline), one per body (LRANGE), a header of about 50 bytes per link (at most
 ``MAX_LINKS``, the SDK's default link limit; a retried header is there once per attempt).
 
-Only the Redis result backend (and Sentinel) takes part: it is what our users run,
-its lists are one round trip to append to or read, and its keys expire. Our calls go through a client of
-their own with a short timeout (``TIMEOUT_S``), not the backend's (whose socket
-timeout is 120 s by default and which retries): a Redis that hangs costs a chord
-header at most that long, and after any error the fan-in pauses for ``PAUSE_S`` in
-this process, so an outage costs one timeout per pause, not one per task. Other
+Only the Redis result backend (and Sentinel) takes part: it is what our users run, a
+list is one round trip to append to or to read, and keys expire. Our calls go through
+a client of their own with a short timeout (``TIMEOUT_S``), not the backend's (whose
+socket timeout is 120 s by default, and which retries): a Redis that hangs costs a
+chord header at most that long, and after any error the fan-in pauses for ``PAUSE_S``
+in this process, so an outage costs one timeout per pause, not one per task. Other
 backends get no links; the body stays a child of the last header, as before.
 """
 
