@@ -49,6 +49,15 @@ CELERY_REVOKED: Final = "celery.task.revoked"
 CELERY_REVOKED_REASON: Final = "celery.task.revoked.reason"
 CELERY_BEAT_ENTRY: Final = "celery.beat.entry"
 
+# Task facts a message carries (protocol 2 headers, protocol 1 body, ``task.request``),
+# copied onto both spans when they are strings: (message key, attribute).
+MESSAGE_FACTS: Final = (
+    ("root_id", MESSAGING_MESSAGE_CONVERSATION_ID),
+    ("parent_id", CELERY_TASK_PARENT_ID),
+    ("group", CELERY_TASK_GROUP_ID),
+    ("eta", CELERY_TASK_ETA),
+)
+
 OPERATION_SEND: Final = "send"
 OPERATION_PROCESS: Final = "process"
 

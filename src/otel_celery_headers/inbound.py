@@ -57,13 +57,7 @@ def extract(carrier: object) -> Context:
         return Context()
 
 
-_FROM_REQUEST = (
-    ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
-    ("parent_id", attrs.CELERY_TASK_PARENT_ID),
-    ("group", attrs.CELERY_TASK_GROUP_ID),
-    ("hostname", attrs.CELERY_WORKER_HOSTNAME),
-    ("eta", attrs.CELERY_TASK_ETA),
-)
+_FROM_REQUEST = (*attrs.MESSAGE_FACTS, ("hostname", attrs.CELERY_WORKER_HOSTNAME))
 
 
 def request_attributes(request: Any, into: dict[str, Any]) -> None:

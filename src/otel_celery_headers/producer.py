@@ -55,13 +55,7 @@ logger = logging.getLogger("otel_celery_headers")
 _SETTER = HeaderSetter()
 
 # Message facts copied onto the publish span, from the headers (or protocol 1's body).
-_FROM_MESSAGE = (
-    ("id", attrs.MESSAGING_MESSAGE_ID),
-    ("root_id", attrs.MESSAGING_MESSAGE_CONVERSATION_ID),
-    ("parent_id", attrs.CELERY_TASK_PARENT_ID),
-    ("group", attrs.CELERY_TASK_GROUP_ID),
-    ("eta", attrs.CELERY_TASK_ETA),
-)
+_FROM_MESSAGE = (("id", attrs.MESSAGING_MESSAGE_ID), *attrs.MESSAGE_FACTS)
 
 
 @dataclass(slots=True)
