@@ -12,34 +12,15 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from otel_celery_headers import CeleryHeadersInstrumentor
-from tests.support.file_exporter import JsonLinesExporter
+from tests.support.subprocess_app import global_provider, subprocess_app
 from tests.support.tasks import register
 
-provider = TracerProvider(resource=Resource.create({"service.name": "green-worker"}))
-provider.add_span_processor(
-    BatchSpanProcessor(
-        JsonLinesExporter(os.environ["SPAN_FILE"]),
-        schedule_delay_millis=200,
-        max_export_batch_size=512,
-    )
-)
-trace.set_tracer_provider(provider)
-
-app = Celery("green_app", broker=os.environ["BROKER_URL"], backend=os.environ["BROKER_URL"])
-app.conf.update(
-    task_default_queue=os.environ.get("QUEUE", "celery"),
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-    # redis-py's pools stop at 100 connections; 200 green threads can each hold one.
-    redis_max_connections=1000,
-)
+global_provider("green-worker", schedule_delay_millis=200)
+# redis-py's pools stop at 100 connections; 200 green threads can each hold one.
+app = subprocess_app("green_app", redis_max_connections=1000)
 tasks = register(app)
 CeleryHeadersInstrumentor().instrument()
 

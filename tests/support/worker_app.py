@@ -11,41 +11,21 @@ from __future__ import annotations
 
 import os
 
-from celery import Celery, signals
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from celery import signals
 
 from otel_celery_headers import CeleryHeadersInstrumentor
-from tests.support.file_exporter import JsonLinesExporter
+from tests.support.subprocess_app import global_provider, subprocess_app
 from tests.support.tasks import register
 
-provider = TracerProvider(resource=Resource.create({"service.name": "worker"}))
 if os.environ.get("OTLP_TRACES_URL"):
-    # The soak: spans over OTLP/HTTP to a receiver, with the SDK's default batching.
+    # The soak: spans over OTLP/HTTP to a receiver, every 5 s (the SDK's default).
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=os.environ["OTLP_TRACES_URL"]))
-    )
+    global_provider("worker", 5_000, OTLPSpanExporter(endpoint=os.environ["OTLP_TRACES_URL"]))
 else:
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            JsonLinesExporter(os.environ["SPAN_FILE"]),
-            schedule_delay_millis=60_000,
-            max_export_batch_size=512,
-        )
-    )
-trace.set_tracer_provider(provider)
+    global_provider("worker", schedule_delay_millis=60_000)
 
-app = Celery("worker_app", broker=os.environ["BROKER_URL"], backend=os.environ["BROKER_URL"])
-app.conf.update(
-    task_default_queue=os.environ.get("QUEUE", "celery"),
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-    task_protocol=int(os.environ.get("TASK_PROTOCOL", "2")),
-)
+app = subprocess_app("worker_app", task_protocol=int(os.environ.get("TASK_PROTOCOL", "2")))
 tasks = register(app)
 
 if os.environ.get("INSTRUMENT_AT", "import") == "import":

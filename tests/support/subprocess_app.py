@@ -1,0 +1,41 @@
+"""What the worker-subprocess app modules (worker_app, green_app) share: their tracer
+provider writing JSON lines, and their Celery app, both from the environment the
+launcher in prefork.py sets (BROKER_URL, SPAN_FILE, QUEUE)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+
+from tests.support.file_exporter import JsonLinesExporter
+
+
+def global_provider(service: str, schedule_delay_millis: int,
+                    exporter: SpanExporter | None = None) -> TracerProvider:
+    """The process's global TracerProvider, batching to ``exporter`` (SPAN_FILE if None)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(BatchSpanProcessor(
+        exporter or JsonLinesExporter(os.environ["SPAN_FILE"]),
+        schedule_delay_millis=schedule_delay_millis,
+        max_export_batch_size=512,
+    ))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def subprocess_app(name: str, **conf: Any) -> Celery:
+    """A Celery app on BROKER_URL (also its result backend), consuming QUEUE."""
+    app = Celery(name, broker=os.environ["BROKER_URL"], backend=os.environ["BROKER_URL"])
+    app.conf.update(
+        task_default_queue=os.environ.get("QUEUE", "celery"),
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        **conf,
+    )
+    return app
