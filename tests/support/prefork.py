@@ -38,7 +38,10 @@ def prefork_worker(
         args += ["--max-tasks-per-child", str(max_tasks_per_child)]
     full_env = dict(
         os.environ, BROKER_URL=broker_url, SPAN_FILE=str(span_file), QUEUE=queue,
-        INSTRUMENT_AT=instrument_at, PYTHONPATH=str(ROOT), **(env or {}),
+        INSTRUMENT_AT=instrument_at,
+        # Keep a caller's PYTHONPATH (e.g. src/ of a checkout run without installing).
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
     )
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
