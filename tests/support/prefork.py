@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.file_exporter import read_spans
+from tests.support.metric_file import read_points
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def prefork_worker(
     broker_url: str, tmp_path: Path, *, concurrency: int = 2, max_tasks_per_child: int | None = None,
     instrument_at: str = "import", extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-    app_module: str = "tests.support.worker_app", pool: str = "prefork",
+    app_module: str = "tests.support.worker_app", pool: str = "prefork", metrics: bool = False,
 ) -> Iterator[Any]:
     """A `celery -A <app_module> worker --pool <pool>` subprocess (prefork unless told)."""
     queue = f"q-{uuid.uuid4().hex[:8]}"
     span_file = tmp_path / f"spans-{queue}.jsonl"
+    metric_file = tmp_path / f"metrics-{queue}.jsonl"
     log_file = tmp_path / f"worker-{queue}.log"
     args = [
         sys.executable, "-m", "celery", "-A", app_module, "worker",
@@ -41,11 +43,12 @@ def prefork_worker(
         INSTRUMENT_AT=instrument_at,
         # Keep a caller's PYTHONPATH (e.g. src/ of a checkout run without installing).
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **({"METRIC_FILE": str(metric_file)} if metrics else {}),
         **(env or {}),
     )
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    handle = _Worker(proc, queue, span_file, log_file)
+    handle = _Worker(proc, queue, span_file, log_file, metric_file)
     try:
         yield handle
     finally:
@@ -53,8 +56,10 @@ def prefork_worker(
 
 
 class _Worker:
-    def __init__(self, proc: subprocess.Popen[bytes], queue: str, span_file: Path, log_file: Path):
+    def __init__(self, proc: subprocess.Popen[bytes], queue: str, span_file: Path, log_file: Path,
+                 metric_file: Path):
         self.proc, self.queue, self.span_file, self.log_file = proc, queue, span_file, log_file
+        self.metric_file = metric_file
 
     def wait_ready(self, app: Any, timeout: float = 60) -> None:
         """Until the worker answers a ping: remote control (revoke) reaches only live workers."""
@@ -77,6 +82,10 @@ class _Worker:
                     f"timed out; {len(self.spans())} spans in file; worker log tail:\n{self.log()[-3000:]}"
                 )
             time.sleep(0.1)
+
+    def metric_points(self) -> list[dict[str, Any]]:
+        """Every metric point exported so far (the worker must run with METRIC_FILE)."""
+        return read_points(self.metric_file)
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")

@@ -29,6 +29,29 @@ def global_provider(service: str, schedule_delay_millis: int,
     return provider
 
 
+def global_meter_provider(service: str) -> Any:
+    """If METRIC_FILE is set: the process's global MeterProvider, exporting there every
+    METRIC_INTERVAL_MS (500 ms unless told) as JSON lines (tests/support/metric_file.py)."""
+    path = os.environ.get("METRIC_FILE")
+    if not path:
+        return None
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from tests.support.metric_file import JsonLinesMetricExporter
+
+    reader = PeriodicExportingMetricReader(
+        JsonLinesMetricExporter(path),
+        export_interval_millis=int(os.environ.get("METRIC_INTERVAL_MS", "500")),
+    )
+    provider = MeterProvider(
+        metric_readers=[reader], resource=Resource.create({"service.name": service})
+    )
+    metrics.set_meter_provider(provider)
+    return provider
+
+
 def subprocess_app(name: str, **conf: Any) -> Celery:
     """A Celery app on BROKER_URL (also its result backend), consuming QUEUE."""
     app = Celery(name, broker=os.environ["BROKER_URL"], backend=os.environ["BROKER_URL"])

@@ -2,7 +2,8 @@
 
 Environment: BROKER_URL, SPAN_FILE (JSON lines), INSTRUMENT_AT ("import", the way
 auto-instrumentation does it, before the fork; or "process_init", in each child),
-OTLP_TRACES_URL (send spans over OTLP/HTTP there instead of to SPAN_FILE).
+OTLP_TRACES_URL (send spans over OTLP/HTTP there instead of to SPAN_FILE), METRIC_FILE
+(metrics as JSON lines, every METRIC_INTERVAL_MS, see tests/support/metric_file.py).
 Spans go through a BatchSpanProcessor with a one-minute delay: a span reaches the
 file only if the instrumentation flushes it before a pool child exits.
 """
@@ -14,7 +15,7 @@ import os
 from celery import signals
 
 from otel_celery_headers import CeleryHeadersInstrumentor
-from tests.support.subprocess_app import global_provider, subprocess_app
+from tests.support.subprocess_app import global_meter_provider, global_provider, subprocess_app
 from tests.support.tasks import register
 
 if os.environ.get("OTLP_TRACES_URL"):
@@ -25,6 +26,7 @@ if os.environ.get("OTLP_TRACES_URL"):
 else:
     global_provider("worker", schedule_delay_millis=60_000)
 
+global_meter_provider("worker")
 app = subprocess_app("worker_app", task_protocol=int(os.environ.get("TASK_PROTOCOL", "2")))
 tasks = register(app)
 
