@@ -20,7 +20,8 @@ _seen: set[tuple[str, type[BaseException]]] = set()
 # Stored in _seen once the cap is reached, so replacing _seen (as the tests do) also
 # resets the cap.
 _FULL = ("", BaseException)
-_lock = threading.Lock()
+# Reentrant: a Python signal handler running on this thread inside the lock may report too.
+_lock = threading.RLock()
 
 
 def report(where: str, exc: BaseException) -> None:
