@@ -25,7 +25,6 @@ from opentelemetry import metrics, trace
 
 from ._guard import report
 
-
 _child_of: dict[int, bool] = {}
 
 
@@ -77,7 +76,9 @@ class Flusher:
             # First task in this process (or first after a fork): decide once.
             self._pid = pid
             self._kick = None
-            if self._interval > 0 and in_pool_child():
+            # flush_timeout_ms=0 disables flushing in pool children altogether: after
+            # tasks as at exit (no thread is started).
+            if self._interval > 0 and self._timeout_ms > 0 and in_pool_child():
                 self._kick = threading.Event()
                 threading.Thread(
                     target=self._loop, args=(self._kick,), name="otel-celery-flush", daemon=True
@@ -95,7 +96,7 @@ class Flusher:
             flush = getattr(provider, "force_flush", None)
             if flush is not None:
                 try:
-                    flush(timeout_millis=self._timeout_ms or 5000)
+                    flush(timeout_millis=self._timeout_ms)
                 except Exception as exc:  # noqa: BLE001
                     report("flush after task", exc)
             time.sleep(self._interval)

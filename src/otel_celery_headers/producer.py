@@ -69,6 +69,9 @@ class _Publish:
     span: Span | None = None
     activation: Token[Context] | None = None
     metric_attributes: dict[str, Any] = field(default_factory=dict)
+    #: Through Task.apply_async, which runs the task in place under task_always_eager
+    #: (send_task never does).
+    eager_possible: bool = False
 
 
 # The `celery beat` schedule entry being sent, named on its publish span.
@@ -91,7 +94,9 @@ class Producer:
     ) -> Any:
         if current_publish.get() is not None:
             return wrapped(*args, **kwargs)
-        return self._traced(wrapped, args, kwargs, lambda: (instance.name, instance._get_app()))
+        return self._traced(
+            wrapped, args, kwargs, lambda: (instance.name, instance._get_app()), eager_possible=True
+        )
 
     def wrap_send_task(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
@@ -108,10 +113,13 @@ class Producer:
         args: Any,
         kwargs: Any,
         describe: Callable[[], tuple[Any, Any]],
+        eager_possible: bool = False,
     ) -> Any:
         try:
             name, app = describe()
-            publish = _Publish(str(name), app, time.time_ns(), time.perf_counter())
+            publish = _Publish(
+                str(name), app, time.time_ns(), time.perf_counter(), eager_possible=eager_possible
+            )
         except Exception as exc:  # noqa: BLE001
             report("publish", exc)
             return wrapped(*args, **kwargs)
@@ -190,7 +198,7 @@ class Producer:
     def _failed(self, publish: _Publish, exc: BaseException) -> None:
         try:
             if publish.span is None:
-                if publish.app.conf.task_always_eager:
+                if publish.eager_possible and publish.app.conf.task_always_eager:
                     return  # the eager task's own exception: its span says so
                 # Failed before the message was built (arguments, routing, ...).
                 publish.span = self._tracer.start_span(
