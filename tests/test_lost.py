@@ -166,7 +166,8 @@ def _active_ids(app, worker) -> set[str]:
 
 
 def test_prefork_terminate_signal_and_soft_time_limit(redis_url, tmp_path, exporter, tracer, producer_side):
-    """revoke(terminate=True, signal=...) names the signal on the span; a soft time limit is an ERROR span."""
+    """revoke(terminate=True, signal=...) names the signal on the span; a soft time limit is an ERROR span
+    carrying the worker's node name."""
     with prefork_worker(redis_url, tmp_path, concurrency=3) as w:
         app, t = make_app(redis_url, task_default_queue=w.queue)
         w.wait_ready(app)
@@ -197,6 +198,8 @@ def test_prefork_terminate_signal_and_soft_time_limit(redis_url, tmp_path, expor
     assert soft_span["attributes"]["error.type"] == "billiard.exceptions.SoftTimeLimitExceeded"
     assert soft_span["attributes"]["celery.task.state"] == "FAILURE"
     assert soft_span["trace_id"] == root_trace
+    # The node name given with `celery worker --hostname` (prefork.py).
+    assert soft_span["attributes"]["celery.worker.hostname"] == f"{w.queue}@localhost"
     for result, signal_name in ((by_term, "SIGTERM"), (by_kill, "SIGKILL")):
         (span,) = consumers(spans, result.id)
         assert span["status"] == "UNSET"
