@@ -52,8 +52,12 @@ def env(redis_url: str) -> Iterator[SimpleNamespace]:
 
 
 def pair(task_id: str) -> tuple:
-    return wait_for(lambda spans: (lambda p, c: (p, c) if p and c else None)(
-        one(spans, task_id, P), one(spans, task_id, C)))
+    """The ended producer and consumer spans of one message."""
+    def both(spans):
+        producer, consumer = one(spans, task_id, P), one(spans, task_id, C)
+        return (producer, consumer) if producer and consumer else None
+
+    return wait_for(both)
 
 
 def test_a_task_run_by_a_worker_is_not_eager(env, exporter, tracer):
@@ -79,7 +83,7 @@ def test_apply_is_eager(env, exporter, tracer):
 
 def test_task_always_eager_is_eager(redis_url, env, exporter, tracer):
     """task_always_eager: delay() runs in place; its span says celery.task.eager true."""
-    app, tasks = make_app(redis_url, task_always_eager=True)
+    _app, tasks = make_app(redis_url, task_always_eager=True)
     with tracer.start_as_current_span("request") as root:
         result = tasks.add.delay(4, 5)
     assert result.get() == 9
