@@ -322,7 +322,7 @@ def assert_queue_time(case: Case, span: Any, published: float, done: float) -> N
         # Published at ``published - ago``, started between ``published`` and ``done``
         # (1 ms of slack for the float arithmetic on epoch seconds).
         ago = sent[1]
-        assert ago - 1e-3 <= waited <= ago + (done - published) + 1e-3
+        assert waited is not None and ago - 1e-3 <= waited <= ago + (done - published) + 1e-3
 
 
 PROPERTY = settings(
@@ -456,7 +456,7 @@ def test_a_valid_publish_time_gives_the_queue_time(env, exporter, instrumented, 
     if offset > 0:
         assert waited == 0.0
     else:
-        assert -offset - 1e-3 <= waited <= -offset + (done - published) + 1e-3
+        assert waited is not None and -offset - 1e-3 <= waited <= -offset + (done - published) + 1e-3
 
 
 @pytest.mark.parametrize("sent_at", ["-inf", "-1e309", "nan", "inf", "", "soon"])
