@@ -139,7 +139,7 @@ class Bench:
             raise RuntimeError("more messages than were published")
         return messages
 
-    def publish(self, count: int, variant: Variant) -> float:
+    def publish(self, count: int, variant: Variant | None = None) -> float:
         """Seconds to publish ``count`` messages with Task.delay.
 
         Under one active ``caller`` span from the variant's TracerProvider (so its
@@ -148,11 +148,12 @@ class Bench:
         """
         delay = self.task.delay
         clock = self.clock
-        if variant.sampler.startswith("ratio:"):
+        sampler = self.telemetry.sampler if variant is None else variant.sampler
+        if sampler.startswith("ratio:"):
             caller: Any = contextlib.nullcontext()
         else:
-            caller = variant.tracer_provider.get_tracer("benchmark-caller").start_as_current_span(
-                "caller")
+            caller = self.telemetry.provider(sampler).get_tracer(
+                "benchmark-caller").start_as_current_span("caller")
         with caller:
             gc.disable()
             try:
