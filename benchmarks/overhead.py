@@ -329,8 +329,13 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, A
     }
 
 
-def summarize(names: list[str], raw: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """Per variant: median time, per-round overheads; per pair: ratio of overheads."""
+def summarize(names: list[str], raw: dict[str, dict[str, list[float]]],
+              sampler: str = "always_on") -> dict[str, Any]:
+    """Per variant: median time, per-round overheads; per pair: ratio of overheads.
+
+    ``sampler`` is that of the variants named without ``@``: the sampled targets hold
+    for ``always_on`` only.
+    """
     summary: dict[str, Any] = {"variants": {}, "ratios": {}, "metrics": {}}
     base = raw.get("none")
     overheads: dict[str, dict[str, list[float]]] = {}
@@ -348,6 +353,9 @@ def summarize(names: list[str], raw: dict[str, dict[str, list[float]]]) -> dict[
     for numerator, denominator, target, label in TARGETS:
         if numerator not in overheads or denominator not in overheads:
             continue
+        if sampler != "always_on" and "@" not in numerator + denominator:
+            label = label.replace("sampled", f"sampler {sampler}")
+            target = None
         entry: dict[str, Any] = {"label": label, "target": target}
         for side in ("publish", "execute"):
             entry[side] = ratio_stats(overheads[numerator][side], overheads[denominator][side])
@@ -626,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             tag = "warmup" if round_no < args.warmup else f"round {round_no - args.warmup + 1}"
             print(f"{tag:>9}: " + "  ".join(line) + "  (us publish/execute)", flush=True)
 
-    summary = summarize(names, raw)
+    summary = summarize(names, raw, args.sampler)
     elapsed = time.perf_counter() - started
     print()
     print(
