@@ -374,7 +374,8 @@ def _ci(entry: dict[str, Any], fmt: str) -> str:
     return f"[{low:{fmt}}, {high:{fmt}}]"
 
 
-def print_summary(names: list[str], summary: dict[str, Any]) -> None:
+def print_summary(names: list[str], summary: dict[str, Any],
+                  main_process_callbacks: bool = False) -> None:
     header = (f"{'variant':<22}{'us/publish':>11}{'overhead':>10}{'IQR':>7}"
               f"{'us/execute':>12}{'overhead':>10}{'IQR':>7}")
     print(header)
@@ -414,7 +415,9 @@ def print_summary(names: list[str], summary: dict[str, Any]) -> None:
             print(f"  ({entry['label']})")
 
     for name, sides in summary["metrics"].items():
-        print(f"\nmetric cost in the task's process ({name} - {name.removesuffix('_metrics')}, "
+        where = ("the task's process and the main process's Request callbacks"
+                 if main_process_callbacks else "the task's process")
+        print(f"\nmetric cost in {where} ({name} - {name.removesuffix('_metrics')}, "
               f"median of per-round differences [95% CI] (IQR)): " + ", ".join(
                   f"{side} {s['median']:+.1f} us {_ci(s, '.1f')} ({s['iqr']:.1f})"
                   for side, s in sides.items()))
@@ -643,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         f"per-round differences to 'none' (IQR)"
         + ("; with the main process's Request callbacks" if args.main_process_callbacks else "")
     )
-    print_summary(names, summary)
+    print_summary(names, summary, args.main_process_callbacks)
     load_after = os.getloadavg()[0]
     print(f"\n({elapsed:.0f} s; load average {load_before:.2f} before, {load_after:.2f} after, "
           f"{os.cpu_count()} CPUs)")
