@@ -6,10 +6,10 @@ Two wrapt wrappers mark a publish: ``Task.apply_async`` (``delay``, signatures, 
 publish already under way and the inner wrapper passes through: one span per message.
 
 The span is opened in ``before_task_publish``, when the message's id, queue and
-headers are known, with the attributes a sampler keys on (``attributes.start_attributes``);
-the message facts are added only if the span records; its start time is taken when
-the wrapper was entered, so it still covers the whole call. An eager ``apply_async`` never reaches
-that signal and so has no publish span, without looking up Celery's configuration.
+headers are known, with the attributes a sampler keys on (``start_attributes``); the
+message facts are added only if the span records. Its start time is taken when the
+wrapper was entered, so it still covers the whole call. An eager ``apply_async`` never
+reaches that signal and so has no publish span, without looking up Celery's configuration.
 A call that fails before the signal gets its span, marked ERROR, from the wrapper.
 
 Injection happens in the same signal, into the real message headers Celery is about
