@@ -493,7 +493,8 @@ def count_instructions(names: list[str], count: int, jobs: int, candidate: Path 
     import concurrent.futures
     import tempfile
 
-    tmp = Path(tempfile.mkdtemp(prefix="overhead-callgrind-"))
+    workdir = tempfile.TemporaryDirectory(prefix="overhead-callgrind-")
+    tmp = Path(workdir.name)
 
     def one(name: str) -> tuple[str, dict[str, float]]:
         out = tmp / f"{name.replace('@', '_').replace(':', '_')}.out"
@@ -509,7 +510,7 @@ def count_instructions(names: list[str], count: int, jobs: int, candidate: Path 
         totals = _inclusive(out)
         return name, {side: totals[side] / count for side in _LOOPS}
 
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    with workdir, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         return dict(pool.map(one, names))
 
 
