@@ -47,6 +47,7 @@ class InstrumentKwargs(TypedDict, total=False):
     flush_timeout_ms: int
     child_flush_interval_ms: int
     chord_links: bool
+    queue_length: bool
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Options:
     #: Chord headers store their span context in the result backend so the body's
     #: span can link to each of them (fanin.py). False: no keys written, no links.
     chord_links: bool = True
+    #: A thread of the worker's main process reads celery.queue.length from the broker.
+    queue_length: bool = True
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -214,5 +217,11 @@ def load(kwargs: Mapping[str, Any]) -> Options:
         values["chord_links"] = _check_bool(chord_links)
     elif (chord_links := _env("CHORD_LINKS", _parse_bool)) is not None:
         values["chord_links"] = chord_links
+
+    queue_length = kwargs.get("queue_length")
+    if queue_length is not None:
+        values["queue_length"] = _check_bool(queue_length)
+    elif (queue_length := _env("QUEUE_LENGTH", _parse_bool)) is not None:
+        values["queue_length"] = queue_length
 
     return Options(**values)
