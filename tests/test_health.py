@@ -6,6 +6,7 @@ OTEL_METRIC_EXPORT_INTERVAL tells our queue-length thread the same interval.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from otel_celery_headers.health import POOL_SIZE, QUEUE_LENGTH, TASKS_ACTIVE, TA
 from otel_celery_headers.queue_length import QueueLengths
 from tests.conftest import METRICS, instrument, make_app
 from tests.support.prefork import prefork_worker
+from tests.support.servers import free_port
 
 HEALTH = (TASKS_ACTIVE, TASKS_RESERVED, POOL_SIZE, QUEUE_LENGTH)
 INTERVAL_ENV = {"OTEL_METRIC_EXPORT_INTERVAL": "500"}  # the workers export every 500 ms
@@ -140,6 +142,48 @@ def test_rabbitmq_worker_queue_length(rabbitmq_url, redis_url, tmp_path):
         wait_snapshot(w, lambda s: (s.get(TASKS_ACTIVE), s.get(queue)) == (2, 0))
         assert_stopped_at_zero(w)
         assert WARNING not in w.log()
+
+
+@pytest.mark.parametrize("instrument_at", ["import", "worker_init"])
+def test_recycled_children_write_no_health_point(redis_url, tmp_path, instrument_at):
+    """--max-tasks-per-child 1: 20 children forked from a main process whose provider runs
+    our callbacks; every child exits cleanly, and only the main process writes health.
+    Instrumented inside a worker_init receiver, worker_ready still finds the worker."""
+    with prefork_worker(redis_url, tmp_path, concurrency=2, max_tasks_per_child=1, metrics=True,
+                        instrument_at=instrument_at, env=INTERVAL_ENV) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        results = [t.add.delay(i, 1) for i in range(20)]
+        assert [r.get(timeout=60) for r in results] == [i + 1 for i in range(20)]
+        wait_snapshot(w, lambda s: (s.get(TASKS_ACTIVE), s.get(TASKS_RESERVED), s.get(POOL_SIZE),
+                                    s.get((QUEUE_LENGTH, w.queue))) == (0, 0, 2, 0))
+        spans = w.wait_spans(lambda s: s if len([x for x in s if x["kind"] == "CONSUMER"]) == 20 else None)
+        assert len({x["pid"] for x in spans if x["kind"] == "CONSUMER"} - {w.proc.pid}) == 20
+        assert_stopped_at_zero(w)
+
+
+def test_refused_connection_is_logged_once(redis_url, caplog):
+    """Nothing listening: every refresh fails at once, one warning in all, no length."""
+    port = free_port()
+    app, _ = make_app(f"redis://127.0.0.1:{port}/0", backend=redis_url)
+    attempts: list[float] = []
+    real = app.connection_for_read
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    app.connection_for_read = counted
+    lengths = QueueLengths(app, lambda: ["q"], interval_s=0.1)
+    with caplog.at_level(logging.WARNING, logger="otel_celery_headers"):
+        lengths.start()
+        try:
+            wait_until(lambda: len(attempts) >= 4)
+        finally:
+            lengths.stop()
+            lengths._thread.join(10)
+    assert [r.getMessage().count(WARNING) for r in caplog.records] == [1]
+    assert lengths.lengths == {}
 
 
 def test_rabbitmq_missing_queue_reads_zero_and_the_next_read_works(rabbitmq_url, redis_url):

@@ -113,6 +113,12 @@ class Health:
         except Exception as exc:  # noqa: BLE001
             report("worker_init (health)", exc)
 
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        """worker_ready (sender: the Consumer), main process: instrument() may have run
+        inside a worker_init receiver, too late to receive that signal itself."""
+        if self._controller is None and getattr(sender, "controller", None) is not None:
+            self.on_worker_init(sender=sender.controller)
+
     def on_worker_shutdown(self, **_: Any) -> None:
         self._shut_down = True
         self._stop_lengths()

@@ -41,6 +41,7 @@ _SIGNALS = (
     signals.task_unknown,
     signals.task_rejected,
     signals.worker_init,
+    signals.worker_ready,
     signals.worker_shutdown,
 )
 
@@ -118,6 +119,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             (signals.task_rejected, main.on_task_rejected),
             # Worker and queue health, main process only (health.py).
             (signals.worker_init, health.on_worker_init),
+            (signals.worker_ready, health.on_worker_ready),
             (signals.worker_shutdown, health.on_worker_shutdown),
         ]
         for signal, receiver in receivers:

@@ -1,7 +1,8 @@
 """App module for `celery -A tests.support.worker_app worker` subprocesses.
 
 Environment: BROKER_URL, SPAN_FILE (JSON lines), INSTRUMENT_AT ("import", the way
-auto-instrumentation does it, before the fork; or "process_init", in each child),
+auto-instrumentation does it, before the fork; "worker_init", in the main process; or
+"process_init", in each child),
 OTLP_TRACES_URL (send spans over OTLP/HTTP there instead of to SPAN_FILE), METRIC_FILE
 (metrics as JSON lines, every METRIC_INTERVAL_MS, see tests/support/metric_file.py),
 QUEUE_LENGTH_URL (the broker our queue-length thread asks, see tests/test_health.py).
@@ -46,6 +47,12 @@ if os.environ.get("QUEUE_LENGTH_URL"):
 
 if os.environ.get("INSTRUMENT_AT", "import") == "import":
     CeleryHeadersInstrumentor().instrument()
+elif os.environ["INSTRUMENT_AT"] == "worker_init":  # main process, before the pool forks
+
+    @signals.worker_init.connect(weak=False)
+    def _instrument_at_worker_init(**_: object) -> None:
+        CeleryHeadersInstrumentor().instrument()
+
 else:
 
     @signals.worker_process_init.connect(weak=False)
