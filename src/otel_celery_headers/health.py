@@ -159,7 +159,7 @@ class Health:
         if self._gone():
             return [Observation(0)]
         try:
-            # prefork: live process count (autoscale grows and shrinks it);
+            # prefork: its process count (--autoscale grows and shrinks it);
             # threads, gevent, eventlet, solo: the concurrency limit.
             return [Observation(int(self._controller.pool.num_processes))]
         except Exception:  # noqa: BLE001 - no pool yet (or already gone): nothing to say
