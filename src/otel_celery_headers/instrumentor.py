@@ -17,6 +17,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from . import health as health_module
 from . import options as options_module
 from .consumer import Consumer
 from .lifecycle import Flusher
@@ -39,6 +40,9 @@ _SIGNALS = (
     signals.task_revoked,
     signals.task_unknown,
     signals.task_rejected,
+    signals.worker_init,
+    signals.worker_ready,
+    signals.worker_shutdown,
 )
 
 
@@ -94,6 +98,9 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done)
         main = MainProcess(tracer, options)
         self._flusher: Flusher | None = flusher
+        health = health_module.Health(options.queue_length)
+        health_module.create_instruments(meter)
+        health_module.activate(health)
 
         wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
         wrap_function_wrapper(Celery, "send_task", producer.wrap_send_task)
@@ -110,6 +117,10 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             (signals.task_revoked, main.on_task_revoked),
             (signals.task_unknown, main.on_task_unknown),
             (signals.task_rejected, main.on_task_rejected),
+            # Worker and queue health, main process only (health.py).
+            (signals.worker_init, health.on_worker_init),
+            (signals.worker_ready, health.on_worker_ready),
+            (signals.worker_shutdown, health.on_worker_shutdown),
         ]
         for signal, receiver in receivers:
             # dispatch_uid: connecting twice replaces, never doubles, a receiver.
@@ -124,6 +135,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         unwrap(Request, "on_timeout")
         for signal in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
+        health_module.activate(None)  # its instruments stay in the SDK, and go quiet
         flusher = getattr(self, "_flusher", None)
         if flusher is not None:
             flusher.stop()

@@ -68,6 +68,7 @@ class InstrumentKwargs(TypedDict, total=False):
     flush_timeout_ms: int
     child_flush_interval_ms: int
     chord_links: bool
+    queue_length: bool
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ class Options:
     #: Chord headers store their span context in the result backend so the body's
     #: span can link to each of them (fanin.py). False: no keys written, no links.
     chord_links: bool = True
+    #: A thread of the worker's main process reads celery.queue.length from the broker.
+    queue_length: bool = True
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -286,6 +289,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("flush_timeout_ms", _check_count, _parse_count),
     _Option("child_flush_interval_ms", _check_count, _parse_count),
     _Option("chord_links", _check_bool, _parse_bool),
+    _Option("queue_length", _check_bool, _parse_bool),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with
