@@ -70,6 +70,8 @@ def assert_stopped_at_zero(w: Any) -> None:
     assert w.proc.returncode == 0, w.log()[-3000:]
     points = [p for p in w.metric_points() if p["name"] in HEALTH]
     assert {p["pid"] for p in points} == {w.proc.pid}
+    # Every point names its worker (node name), so per-worker panels need no join.
+    assert {p["attributes"]["celery.worker.hostname"] for p in points} == {f"{w.queue}@localhost"}
     last = snapshots(points)[-1][1]
     assert (last[TASKS_ACTIVE], last[TASKS_RESERVED], last[POOL_SIZE]) == (0, 0, 0)
 

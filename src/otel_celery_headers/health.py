@@ -141,27 +141,33 @@ class Health:
     def _gone(self) -> bool:
         return self._shut_down or _stopped(self._controller)
 
+    def _worker(self) -> dict[str, str]:
+        # The node name (`celery@host`), one per worker: what Flower and celery-exporter
+        # label by, so "active per worker" needs no join with resource attributes, and
+        # two workers under one resource (SDKs before service.instance.id) stay apart.
+        return {attrs.CELERY_WORKER_HOSTNAME: str(getattr(self._controller, "hostname", ""))}
+
     def active(self) -> list[Observation]:
         if not self._here():
             return []
         counts = (0, 0) if self._gone() else _task_counts()
-        return [] if counts is None else [Observation(counts[0])]
+        return [] if counts is None else [Observation(counts[0], self._worker())]
 
     def reserved(self) -> list[Observation]:
         if not self._here():
             return []
         counts = (0, 0) if self._gone() else _task_counts()
-        return [] if counts is None else [Observation(counts[1])]
+        return [] if counts is None else [Observation(counts[1], self._worker())]
 
     def pool_size(self) -> list[Observation]:
         if not self._here():
             return []
         if self._gone():
-            return [Observation(0)]
+            return [Observation(0, self._worker())]
         try:
             # prefork: its process count (--autoscale grows and shrinks it);
             # threads, gevent, eventlet, solo: the concurrency limit.
-            return [Observation(int(self._controller.pool.num_processes))]
+            return [Observation(int(self._controller.pool.num_processes), self._worker())]
         except Exception:  # noqa: BLE001 - no pool yet (or already gone): nothing to say
             return []
 
@@ -173,7 +179,11 @@ class Health:
         return [
             Observation(
                 count,
-                {attrs.MESSAGING_SYSTEM: system, attrs.MESSAGING_DESTINATION_NAME: queue},
+                {
+                    attrs.MESSAGING_SYSTEM: system,
+                    attrs.MESSAGING_DESTINATION_NAME: queue,
+                    **self._worker(),
+                },
             )
             for queue, count in lengths.lengths.items()
         ]
