@@ -23,7 +23,7 @@ from tests.support.spans import by_message, one, parent_id, span_id, trace_id
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
 SIGNALS = (
     signals.before_task_publish, signals.task_prerun, signals.task_postrun,
-    signals.worker_process_shutdown, signals.task_failure, signals.task_revoked,
+    signals.worker_process_shutdown, signals.task_failure, signals.task_retry,
     signals.task_unknown, signals.task_rejected,
 )
 
