@@ -109,8 +109,24 @@ def register(app: Celery) -> SimpleNamespace:
     def collect(values: list[int]) -> int:
         return sum(values)
 
+    @task(name="t.die_twice", bind=True, acks_late=True, reject_on_worker_lost=True)
+    def die_twice(self: Any) -> int:
+        """The pool child vanishes on the first two deliveries of this message; the
+        third succeeds (acks_late + reject_on_worker_lost: Celery requeues it). The
+        count is a Redis INCR in the result backend, keyed by task id."""
+        import os
+
+        key = f"test-die-twice:{self.request.id}"
+        client = self.backend.client
+        delivery = int(client.incr(key))
+        client.expire(key, 600)
+        if delivery <= 2:
+            os._exit(1)
+        return delivery
+
     return SimpleNamespace(
         add=add, fail=fail, expected=expected, retry_once=retry_once, autoretry=autoretry,
         replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
         reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
+        die_twice=die_twice,
     )
