@@ -124,9 +124,16 @@ def test_metrics_are_recorded_with_bounded_attributes(env, exporter, tracer, ins
     with pytest.raises(ValueError):
         failed.get(timeout=20)
     wait_for(lambda spans: one(spans, failed.id, C))
-    data = METRICS.get_metrics_data()
-    metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
-               if sm.scope.name == "otel_celery_headers" for m in sm.metrics}
+
+    def ours() -> dict:
+        data = METRICS.get_metrics_data()
+        return {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
+                if sm.scope.name == "otel_celery_headers" for m in sm.metrics}
+
+    # The worker counts a delivery after its task's span ends (Request.on_failure).
+    metrics = wait_for(lambda _: (m := ours()) and "messaging.client.consumed.messages" in m and any(
+        p.attributes.get("error.type") == "ValueError"
+        for p in m["messaging.client.consumed.messages"].data.data_points) and m)
     assert set(metrics) >= {
         "messaging.client.sent.messages", "messaging.client.operation.duration",
         "messaging.client.consumed.messages", "messaging.process.duration", "celery.message.queue_time",

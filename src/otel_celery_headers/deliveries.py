@@ -16,7 +16,8 @@ Where each outcome arrives (Celery 5.3 to 5.7, checked in celery/worker/request.
 * ``on_success(failed=False)``: SUCCESS. A failed result goes on to ``on_failure``.
   Celery builds a ``Request`` subclass per task (``create_request_cls``, looked up
   by ``celery.worker.strategy``) that overrides ``on_success``: we wrap that factory
-  and the ``on_success`` of each class it builds.
+  and the ``on_success`` of each class it builds, and of those a worker started
+  before ``instrument()`` had built (``Request.__subclasses__()``).
 * ``on_failure``: the exception decides (Retry, Ignore, Reject, the task's own
   exception), and what Celery does inside tells the rest: a main-process
   ``task_failure`` (hard time limit, lost child), ``reject(requeue=True)`` (a lost
@@ -53,23 +54,20 @@ from celery.exceptions import (
     TimeLimitExceeded,
     WorkerLostError,
 )
-from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN
+from opentelemetry.trace import Tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
 
 from . import attributes as attrs
 from ._guard import report
-from ._outcome import error_type, unwrap
+from ._outcome import unwrap
+from .delivery_metrics import DeliveryMetrics
 from .inbound import destination_of, extract, queue_time
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
 
-CELERY_DELIVERY_REQUEUED = "celery.delivery.requeued"
 _ATTR = "_otel_celery_delivery"
-# A context whose span is invalid: the trace-based exemplar filter samples nothing.
-_NO_EXEMPLAR = trace.set_span_in_context(INVALID_SPAN)
 
 
 @dataclass(slots=True)
@@ -121,18 +119,21 @@ def _lost(exc: BaseException) -> BaseException:
 
 
 class Deliveries:
-    def __init__(
-        self, tracer: Any, options: Options, instruments: Instruments
-    ) -> None:
-        self._options = options
-        self._instruments = instruments
+    def __init__(self, tracer: Tracer, options: Options, instruments: Instruments) -> None:
+        self._metrics = DeliveryMetrics(instruments, options)
         self._spans = MainProcessSpans(tracer, options)
         self.active = True
 
-    def start(self) -> None:
+    def start(self, request_cls: type) -> None:
         global _current
         self.active = True
         _current = self
+        # The Request classes a worker started before instrument() already built.
+        pending: list[type] = list(request_cls.__subclasses__())
+        while pending:
+            cls = pending.pop()
+            _hook_subclass(cls)
+            pending.extend(cls.__subclasses__())
 
     def stop(self) -> None:
         global _current
@@ -155,9 +156,6 @@ class Deliveries:
     ) -> Any:
         if self.active:
             try:
-                # A Request class Celery built before instrument() (a worker started
-                # first): hooked at its first delivery.
-                _hook_subclass(type(instance))
                 self._accepted(instance, args[1] if len(args) > 1 else kwargs.get("time_accepted"))
             except Exception as exc:  # noqa: BLE001
                 report("Request.on_accepted", exc)
@@ -192,7 +190,7 @@ class Deliveries:
             try:
                 exc_info = args[0] if args else kwargs.get("exc_info")
                 exc = unwrap(exc_info.exception)
-                self._finish(instance, self._after_failure(instance, delivery, exc))
+                self._finish(instance, self._after_failure(delivery, exc))
             except Exception as exc:  # noqa: BLE001
                 report("Request.on_failure", exc)
 
@@ -230,7 +228,7 @@ class Deliveries:
         result = wrapped(*args, **kwargs)
         if self.active:
             try:
-                reason, terminated, signum, expired = args[:4] if len(args) >= 4 else (
+                reason, terminated, signum, _expired = args[:4] if len(args) >= 4 else (
                     kwargs.get("reason"), kwargs.get("terminated"), kwargs.get("signum"),
                     kwargs.get("expired"),
                 )
@@ -262,7 +260,7 @@ class Deliveries:
         sender: Any = None,
         message: Any = None,
         name: str | None = None,
-        id: str | None = None,  # noqa: A002 - Celery's keyword
+        id: str | None = None,  # Celery's keyword
         **_: Any,
     ) -> None:
         # What Celery stores as the result (the signal's exc is its KeyError).
@@ -275,7 +273,7 @@ class Deliveries:
     # -- outcomes ---------------------------------------------------------------------
 
     @staticmethod
-    def _after_failure(request: Any, delivery: _Delivery, exc: BaseException) -> Outcome:
+    def _after_failure(delivery: _Delivery, exc: BaseException) -> Outcome:
         if isinstance(exc, Retry):
             return Outcome("RETRY")
         if isinstance(exc, Ignore):
@@ -308,9 +306,7 @@ class Deliveries:
         delivery.inbound = extract(headers)
         waited = queue_time(headers)
         if waited is not None:
-            name, system, destination = self._facts(request)
-            context = delivery.inbound if self._options.for_task(name)[1] == "child" else _NO_EXEMPLAR
-            self._instruments.waited(waited, self._attributes(system, destination, name), context)
+            self._metrics.accepted(*self._facts(request), waited, delivery.inbound)
 
     def _finish(self, request: Any, outcome: Outcome) -> None:
         delivery = _delivery(request)
@@ -330,11 +326,13 @@ class Deliveries:
                 delivery=request.delivery_info,
                 failure=outcome.error,
                 extra={**(outcome.extra or {}),
-                       **({CELERY_DELIVERY_REQUEUED: True} if outcome.state == "REQUEUED" else {})},
+                       **({attrs.CELERY_DELIVERY_REQUEUED: True} if outcome.state == "REQUEUED" else {})},
             )
         seconds = None if delivery.started is None else max(0.0, now - delivery.started)
-        inbound = delivery.inbound if delivery.inbound is not None else headers
-        self._record(name, system, destination, outcome, seconds, span, inbound)
+        inbound = delivery.inbound if delivery.inbound is not None else Context()
+        self._metrics.finished(
+            name, system, destination, outcome.state, outcome.error, seconds, span, inbound
+        )
 
     def _message_outcome(
         self,
@@ -354,42 +352,14 @@ class Deliveries:
             app = getattr(sender, "app", None)
             system = attrs.messaging_system(app) if app is not None else "unknown"
             delivery = getattr(message, "delivery_info", None)
-            outcome = Outcome(state, failure, span=True)
             span = self._spans.emit(
                 task_id if isinstance(task_id, str) else "", name, system, headers,
                 state=state, delivery=delivery, failure=failure,
             )
-            self._record(name, system, destination_of(delivery), outcome, None, span, headers)
+            destination = destination_of(delivery)
+            self._metrics.finished(name, system, destination, state, failure, None, span, Context())
         except Exception as exc:  # noqa: BLE001
             report(f"task {state.lower()}", exc)
-
-    def _record(
-        self,
-        name: str,
-        system: str,
-        destination: str,
-        outcome: Outcome,
-        seconds: float | None,
-        span: Any,
-        inbound: Any,
-    ) -> None:
-        attributes = self._attributes(system, destination, name)
-        attributes[attrs.CELERY_TASK_STATE] = outcome.state
-        if outcome.error is not None:
-            attributes[attrs.ERROR_TYPE] = error_type_of(outcome.error)
-        if seconds is None:
-            self._instruments.processed(None, attributes)
-            return
-        # The exemplar opens the task's trace: the span emitted here, else the
-        # producer's context (the child's span is its child), unless the task's trace
-        # is a new one (trace shape link / ignore), which the main process cannot name.
-        if span is not None:
-            context = trace.set_span_in_context(span)
-        elif self._options.for_task(name)[1] == "child":
-            context = inbound if isinstance(inbound, Context) else extract(inbound)
-        else:
-            context = _NO_EXEMPLAR
-        self._instruments.processed(seconds, attributes, context)
 
     @staticmethod
     def _facts(request: Any) -> tuple[str, str, str]:
@@ -399,15 +369,6 @@ class Deliveries:
             attrs.messaging_system(task.app),
             destination_of(request.delivery_info),
         )
-
-    @staticmethod
-    def _attributes(system: str, destination: str, name: str) -> dict[str, Any]:
-        return {
-            attrs.MESSAGING_SYSTEM: system,
-            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
-            attrs.MESSAGING_DESTINATION_NAME: destination,
-            attrs.CELERY_TASK_NAME: name,
-        }
 
 
 # The Deliveries of the current instrument(). The on_success wrappers on Celery's
@@ -435,13 +396,3 @@ def _hook_subclass(cls: type) -> None:
         wrap_function_wrapper(cls, "on_success", _subclass_on_success)
     except Exception as exc:  # noqa: BLE001
         report("Request subclass on_success", exc)
-
-
-def error_type_of(exc: BaseException) -> str:
-    """``error.type``; for an exception Celery could not pickle across the pool pipe,
-    the original class it names."""
-    module = getattr(exc, "exc_module", None)
-    cls_name = getattr(exc, "exc_cls_name", None)
-    if isinstance(module, str) and isinstance(cls_name, str):
-        return cls_name if module == "builtins" else f"{module}.{cls_name}"
-    return error_type(exc)

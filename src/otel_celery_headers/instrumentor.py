@@ -32,13 +32,13 @@ logger = logging.getLogger("otel_celery_headers")
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.28.0"
 _UID = "otel_celery_headers."
-# Request methods deliveries.py wraps (see there for what each tells).
-_REQUEST_HOOKS = (
-    "on_accepted", "on_success", "on_failure", "on_timeout", "reject", "_announce_revoked",
-)
-_WRAPPER = {
-    "on_accepted": "wrap_accepted", "on_success": "wrap_success", "on_failure": "wrap_failure",
-    "on_timeout": "wrap_timeout", "reject": "wrap_reject",
+# Request method -> the Deliveries wrapper that counts what it tells (deliveries.py).
+_REQUEST_HOOKS = {
+    "on_accepted": "wrap_accepted",
+    "on_success": "wrap_success",
+    "on_failure": "wrap_failure",
+    "on_timeout": "wrap_timeout",
+    "reject": "wrap_reject",
     "_announce_revoked": "wrap_announce_revoked",
 }
 _SIGNALS = (
@@ -106,7 +106,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         deliveries = Deliveries(tracer, options, instruments)
         self._flusher: Flusher | None = flusher
         self._deliveries: Deliveries | None = deliveries
-        deliveries.start()
+        deliveries.start(Request)
         forkmetrics.forget_in_children(instruments.all())
 
         wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
@@ -114,9 +114,9 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrap_function_wrapper(Scheduler, "apply_async", producer.wrap_beat_apply_async)
         # Every worker delivery, counted where its Request lives (deliveries.py).
         wrap_function_wrapper(strategy, "create_request_cls", deliveries.wrap_request_cls)
-        for method in _REQUEST_HOOKS:
+        for method, hook in _REQUEST_HOOKS.items():
             if hasattr(Request, method):  # _announce_revoked is private: Celery 5.3 to 5.7
-                wrap_function_wrapper(Request, method, getattr(deliveries, _WRAPPER[method]))
+                wrap_function_wrapper(Request, method, getattr(deliveries, hook))
         receivers: list[tuple[Any, Callable[..., None]]] = [
             (signals.before_task_publish, producer.on_before_publish),
             (signals.task_prerun, consumer.on_prerun),
