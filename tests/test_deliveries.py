@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery.app.task import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 
 from tests.conftest import make_app, wait_for
@@ -219,6 +220,31 @@ def test_a_delivery_lost_and_requeued_is_seen_each_time_rabbitmq(rabbitmq_url, r
         app, t = make_app(rabbitmq_url, backend=redis_url, task_default_queue=w.queue)
         w.wait_ready(app)
         requeued_twice(w, app, t, tracer)
+
+
+def test_retry_on_worker_lost_is_a_retry_per_lost_delivery(redis_worker, tracer, producer_side):
+    """Celery 5.7 retry_on_worker_lost: each lost delivery is a RETRY (WorkerLostError) with its own ERROR span, all in the caller's trace. Celery 5.3 has no such option: one lost delivery, FAILURE."""
+    w, t = redis_worker.w, redis_worker.t
+    before = outcomes(w.metric_points())
+    with tracer.start_as_current_span("request") as root:
+        result = t.die_twice_retry.delay()
+    if not hasattr(Task, "retry_on_worker_lost"):  # Celery < 5.7
+        with pytest.raises(WorkerLostError):
+            result.get(timeout=60)
+        assert settle(w, before, 1) == {("t.die_twice_retry", "FAILURE", LOST): 1}
+        return
+    assert result.get(timeout=90) == 3
+    assert settle(w, before, 3) == {
+        ("t.die_twice_retry", "RETRY", LOST): 2,
+        ("t.die_twice_retry", "SUCCESS", None): 1,
+    }
+    root_trace = hexid(trace_id(root), 32)
+    w.wait_spans(lambda s: len(consumers(s, result.id)) >= 3)
+    time.sleep(0.5)
+    spans = consumers(w.spans(), result.id)
+    assert len(spans) == 3 and {s["trace_id"] for s in spans} == {root_trace}
+    assert sorted((s["status"], s["attributes"]["celery.task.state"]) for s in spans) == [
+        ("ERROR", "RETRY"), ("ERROR", "RETRY"), ("UNSET", "SUCCESS")]
 
 
 def test_exemplars_open_the_tasks_trace(redis_worker, tracer, producer_side):

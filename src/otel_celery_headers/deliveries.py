@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ from celery.exceptions import (
     TimeLimitExceeded,
     WorkerLostError,
 )
+from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
@@ -62,7 +63,7 @@ from . import attributes as attrs
 from ._guard import report
 from ._outcome import unwrap
 from .delivery_metrics import DeliveryMetrics
-from .inbound import destination_of, extract, queue_time
+from .inbound import destination_of, extract, queue_time, relate
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
@@ -120,6 +121,7 @@ def _lost(exc: BaseException) -> BaseException:
 
 class Deliveries:
     def __init__(self, tracer: Tracer, options: Options, instruments: Instruments) -> None:
+        self._options = options
         self._metrics = DeliveryMetrics(instruments, options)
         self._spans = MainProcessSpans(tracer, options)
         self.active = True
@@ -183,16 +185,32 @@ class Deliveries:
             return wrapped(*args, **kwargs)
         delivery = _delivery(instance)
         marker = _handling.set(delivery)
+        # Celery 5.7's retry_on_worker_lost publishes the retry from here: in the
+        # task's trace, as a retry published by the task itself would be.
+        activation = self._activate(instance, delivery)
         try:
             return wrapped(*args, **kwargs)
         finally:
             _handling.reset(marker)
+            if activation is not None:
+                otel_context.detach(activation)
             try:
                 exc_info = args[0] if args else kwargs.get("exc_info")
                 exc = unwrap(exc_info.exception)
                 self._finish(instance, self._after_failure(delivery, exc))
             except Exception as exc:  # noqa: BLE001
                 report("Request.on_failure", exc)
+
+    def _activate(self, request: Any, delivery: _Delivery) -> Token[Context] | None:
+        try:
+            inbound = delivery.inbound
+            if inbound is None:
+                inbound = extract(_Headers(request.request_dict))
+            base, _, _ = relate(inbound, self._options.for_task(str(request.task.name))[1])
+            return otel_context.attach(base)
+        except Exception as exc:  # noqa: BLE001
+            report("Request.on_failure context", exc)
+            return None
 
     def wrap_timeout(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
