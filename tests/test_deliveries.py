@@ -303,3 +303,64 @@ def test_streams_do_not_grow_with_child_recycles(redis_url, tmp_path, producer_s
     assert set(map(frozenset, recycled_writers.values())) == {frozenset({recycled_pid})}
     assert set(map(frozenset, steady_writers.values())) == {frozenset({steady_pid})}
     assert len(recycled_resources) == len(steady_resources) == 1
+
+
+def test_a_forked_child_exports_only_what_it_records(tmp_path):
+    """After fork, our instruments' inherited points are gone in the child (the user's stay), and the child's first measurement does not wait for a storage lock held at the fork."""
+    import json
+    import os
+    import threading
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_celery_headers import forkmetrics
+    from otel_celery_headers.metrics import Instruments
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    ours = Instruments.create(provider.get_meter(SCOPE))
+    users = provider.get_meter("user").create_counter("user.count")
+    ours.consumed.add(5, {"k": "v"})
+    users.add(2)
+
+    def values() -> dict[str, list[float]]:
+        return {m.name: [p.value for p in m.data.data_points]
+                for rm in reader.get_metrics_data().resource_metrics
+                for sm in rm.scope_metrics for m in sm.metrics}
+
+    out = tmp_path / "child.json"
+    forkmetrics.forget_in_children(ours.all())
+    (storage,) = provider._measurement_consumer._reader_storages.values()
+    # Another thread holds the storage's lock at the fork, as the reader thread does
+    # while it collects.
+    held, done = threading.Event(), threading.Event()
+
+    def collector() -> None:
+        with storage._lock:
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=collector, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: one measurement, then what it would export
+            try:
+                ours.consumed.add(1, {"k": "v"})
+                out.write_text(json.dumps(values()))
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                raise AssertionError("the child froze on a lock held at the fork")
+            time.sleep(0.05)
+    finally:
+        done.set()
+        holder.join(10)
+        forkmetrics.stop()
+    assert json.loads(out.read_text()) == {CONSUMED: [1], "user.count": [2]}
+    assert values() == {CONSUMED: [5], "user.count": [2]}

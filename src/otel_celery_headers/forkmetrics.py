@@ -17,17 +17,21 @@ instrument's aggregations in ``_instrument_view_instrument_matches``. Removing t
 instrument's entry is what a fresh process has; the SDK re-creates it on the next
 measurement. If the internals differ, this is logged once and skipped. No lock is
 taken: right after ``fork`` the child has one thread, and a lock another thread of the
-parent held at the fork would never be released in the child.
+parent held at the fork (the reader's collection holds each storage's lock) would never
+be released in the child. For the same reason each storage our instruments use gets a
+fresh lock: the SDK takes it to re-create our entry, at the child's first measurement.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 from ._guard import report
 
+_RLOCK = type(threading.RLock())
 _instruments: list[Any] = []
 _registered = False
 
@@ -64,3 +68,5 @@ def forget(instrument: Any) -> None:
     storages: dict[Any, Any] = consumer._reader_storages
     for storage in list(storages.values()):
         storage._instrument_view_instrument_matches.pop(real, None)
+        if isinstance(storage._lock, _RLOCK):
+            storage._lock = threading.RLock()
