@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from celery.app.task import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from opentelemetry.trace import SpanKind
 
 from tests.conftest import make_app, wait_for
 from tests.support.metric_file import latest, writers
 from tests.support.prefork import prefork_worker
 from tests.support.spans import one, span_id, trace_id
-from opentelemetry.trace import SpanKind
 
 CONSUMED = "messaging.client.consumed.messages"
 DURATION = "messaging.process.duration"
