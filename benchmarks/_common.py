@@ -31,6 +31,12 @@ Variants:
     The same, from another copy of the package loaded with ``load_candidate`` (A/B
     measurement of a change in one process).
 
+Any variant but ``none`` takes a sampler after an ``@``: ``ours@parent_off`` is ours
+with a ``TracerProvider`` whose sampler is ``ParentBased(ALWAYS_OFF)`` (every span of
+the run non-recording, the context still propagated). Samplers: ``always_on`` (the
+default), ``parent_off``, ``ratio:<fraction>`` (``ParentBased(TraceIdRatioBased)``).
+Each sampler gets its own ``TracerProvider``; all share the dropping exporter.
+
 Only one variant is on at a time: while ours is instrumented it turns the official
 instrumentor's ``_instrument`` into a no-op, so ``official`` is measured with ours off.
 Spans go to a ``BatchSpanProcessor`` whose exporter only counts them.
@@ -64,12 +70,20 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind
 
 if TYPE_CHECKING:  # imported where used: only the worker benchmarks need redis-py
     import redis
 
 DEFAULT_VARIANTS = ("none", "floor", "official", "ours", "ours_metrics")
+SAMPLERS = ("always_on", "parent_off", "ratio:<fraction>")
 ALL_VARIANTS = (
     "none", "floor", "floor_attributes", "official", "official_metrics", "ours",
     "ours_metrics", "candidate", "candidate_metrics",
@@ -135,24 +149,58 @@ class DroppingExporter(SpanExporter):
         return True
 
 
+def make_sampler(spec: str) -> Sampler:
+    """``always_on``, ``parent_off`` or ``ratio:<fraction>`` as an SDK sampler."""
+    if spec == "always_on":
+        return ALWAYS_ON
+    if spec == "parent_off":
+        # What a service that samples nothing itself, or whose callers sample a
+        # message out, sees: every span non-recording, the context still propagated.
+        return ParentBased(ALWAYS_OFF)
+    if spec.startswith("ratio:"):
+        try:
+            fraction = float(spec.split(":", 1)[1])
+        except ValueError:
+            fraction = -1.0
+        if 0.0 <= fraction <= 1.0:
+            return ParentBased(TraceIdRatioBased(fraction))
+    raise SystemExit(f"unknown sampler {spec!r}; choose from {', '.join(SAMPLERS)}")
+
+
 @dataclass
 class Telemetry:
-    """One TracerProvider (batching into a dropping exporter) and one SDK MeterProvider."""
+    """TracerProviders (one per sampler, batching into one dropping exporter) and one
+    SDK MeterProvider. ``tracer_provider`` is the one of ``sampler``, the default."""
 
     exporter: DroppingExporter = field(default_factory=DroppingExporter)
-    tracer_provider: TracerProvider = field(default_factory=TracerProvider)
+    sampler: str = "always_on"
     metric_reader: InMemoryMetricReader = field(default_factory=InMemoryMetricReader)
     meter_provider: MeterProvider = field(init=False)
+    providers: dict[str, TracerProvider] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
         self.meter_provider = MeterProvider(metric_readers=[self.metric_reader])
 
+    @property
+    def tracer_provider(self) -> TracerProvider:
+        return self.provider(self.sampler)
+
+    def provider(self, sampler: str) -> TracerProvider:
+        """The TracerProvider with this sampler (made on first use)."""
+        provider = self.providers.get(sampler)
+        if provider is None:
+            provider = TracerProvider(sampler=make_sampler(sampler))
+            provider.add_span_processor(BatchSpanProcessor(self.exporter))
+            self.providers[sampler] = provider
+        return provider
+
     def flush(self) -> None:
-        self.tracer_provider.force_flush()
+        for provider in self.providers.values():
+            provider.force_flush()
 
     def shutdown(self) -> None:
-        self.tracer_provider.shutdown()
+        for provider in self.providers.values():
+            provider.shutdown()
         self.meter_provider.shutdown()
 
 
@@ -195,6 +243,7 @@ class Floor:
                 "messaging.destination.name": routing_key or "",
                 "messaging.message.id": headers.get("id"),
                 "messaging.message.conversation_id": headers.get("root_id"),
+                "celery.task.retries": headers.get("retries"),
             }
         span = self._tracer.start_span(
             f"send {sender}", kind=SpanKind.PRODUCER, attributes=attributes
@@ -262,50 +311,57 @@ class Variant:
     """Switches one instrumentation on and off inside the running process."""
 
     def __init__(self, name: str, telemetry: Telemetry) -> None:
-        if name not in ALL_VARIANTS:
+        base, _, sampler = name.partition("@")
+        if base not in ALL_VARIANTS:
             raise ValueError(f"unknown variant {name!r}; choose from {ALL_VARIANTS}")
+        #: The full name (``ours@parent_off``); ``kind`` is the instrumentation
+        #: (``ours``), ``sampler`` the sampler of its TracerProvider.
         self.name = name
+        self.kind = base
+        self.sampler = sampler or telemetry.sampler
         self._telemetry = telemetry
+        self.tracer_provider = telemetry.provider(self.sampler)
         self._floor = (
-            Floor(telemetry.tracer_provider, attributes=name == "floor_attributes")
-            if name.startswith("floor")
+            Floor(self.tracer_provider, attributes=base == "floor_attributes")
+            if base.startswith("floor")
             else None
         )
 
     @property
     def spans_per_message(self) -> int:
-        return 0 if self.name == "none" else 2
+        """Spans per message when every span records (``always_on``)."""
+        return 0 if self.kind == "none" else 2
 
     def on(self) -> None:
-        tp = self._telemetry.tracer_provider
+        tp = self.tracer_provider
         mp = self._telemetry.meter_provider
         if self._floor is not None:
             self._floor.connect()
-        elif self.name in ("official", "official_metrics"):
+        elif self.kind in ("official", "official_metrics"):
             from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
             kwargs: dict[str, Any] = {"tracer_provider": tp, "skip_dep_check": True}
-            if self.name == "official_metrics":
+            if self.kind == "official_metrics":
                 kwargs["meter_provider"] = mp
             CeleryInstrumentor().instrument(**kwargs)
             if not CeleryInstrumentor().is_instrumented_by_opentelemetry:
                 raise RuntimeError("the official instrumentor did not instrument (is ours still on?)")
-        elif self.name in ("ours", "ours_metrics", "candidate", "candidate_metrics"):
+        elif self.kind in ("ours", "ours_metrics", "candidate", "candidate_metrics"):
             kwargs = {"tracer_provider": tp, "skip_dep_check": True}
-            if self.name.endswith("_metrics"):
+            if self.kind.endswith("_metrics"):
                 kwargs["meter_provider"] = mp
-            _instrumentor_class(self.name)().instrument(**kwargs)
+            _instrumentor_class(self.kind)().instrument(**kwargs)
         _reset_task_tracers()
 
     def off(self) -> None:
         if self._floor is not None:
             self._floor.disconnect()
-        elif self.name in ("official", "official_metrics"):
+        elif self.kind in ("official", "official_metrics"):
             from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
             CeleryInstrumentor().uninstrument()
-        elif self.name in ("ours", "ours_metrics", "candidate", "candidate_metrics"):
-            _instrumentor_class(self.name)().uninstrument()
+        elif self.kind in ("ours", "ours_metrics", "candidate", "candidate_metrics"):
+            _instrumentor_class(self.kind)().uninstrument()
         _reset_task_tracers()
 
 
@@ -331,8 +387,12 @@ def parse_variants(text: str | None, default: Sequence[str] = DEFAULT_VARIANTS) 
         return list(default)
     names = [v.strip() for v in text.split(",") if v.strip()]
     for name in names:
-        if name not in ALL_VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}")
+        base, at, sampler = name.partition("@")
+        if base not in ALL_VARIANTS or (at and base == "none"):
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}"
+                             f" (optionally @{'|'.join(SAMPLERS)})")
+        if at:
+            make_sampler(sampler)
     return names
 
 

@@ -14,6 +14,7 @@ message with an unprofiled measurement of the same variant taken first.
     pip install pyinstrument
     python benchmarks/profile_ours.py                       # ours, no MeterProvider
     python benchmarks/profile_ours.py --variant ours_metrics --html /tmp/profile.html
+    python benchmarks/profile_ours.py --variant ours@parent_off    # unsampled
 
 A flame graph of the whole run with py-spy instead:
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidate is not None:
         load_candidate(args.candidate)
     telemetry = Telemetry()
-    bench = overhead.Bench(telemetry, "cpu")
+    bench = overhead.Bench(telemetry, "thread")
     variant = Variant(args.variant, telemetry)
     none = Variant("none", telemetry)
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             bench.settle()
             profilers["publish"].start()
-            bench.publish(args.messages)
+            bench.publish(args.messages, variant)
             profilers["publish"].stop()
             messages = bench.drain(args.messages)
             bench.settle()

@@ -2,8 +2,9 @@
 
 Runs ``examples/fastapi_celery/run_demo.py`` (which starts Redis, an OTLP receiver,
 the API under ``opentelemetry-instrument uvicorn`` and a prefork worker under
-``opentelemetry-instrument celery worker``), then checks the spans it dumps. Spans
-are found by name, kind, service and attributes, never by position.
+``opentelemetry-instrument celery worker``), then checks the spans it dumps and the
+metrics summary it prints. Spans are found by name, kind, service and attributes,
+never by position. Each configuration runs once; its tests share the run.
 """
 
 from __future__ import annotations
@@ -21,23 +22,9 @@ from typing import Any
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fastapi_celery"
+from tests.support.example import EXAMPLE, load
 
-
-def _load_receiver() -> Any:
-    # By path, not through sys.path: the example's api/db/tasks modules must not
-    # shadow anything for the rest of the test session.
-    module = sys.modules.get("otlp_receiver")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("otlp_receiver", EXAMPLE / "otlp_receiver.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["otlp_receiver"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-_receiver = _load_receiver()
+_receiver = load("otlp_receiver")
 find, find_one = _receiver.find, _receiver.find_one
 group_by_trace, is_descendant = _receiver.group_by_trace, _receiver.is_descendant
 
@@ -53,6 +40,20 @@ DEMO_MODULES = (
 )
 
 Span = dict[str, Any]
+
+# The demo's workload, as its worker's metrics must count it: (task, state) -> n.
+EXPECTED_TASKS = {
+    ("notify", "SUCCESS"): 2,
+    ("process_order", "FAILURE"): 1,
+    ("process_order", "SUCCESS"): 2,
+}
+CONFIGS = pytest.mark.parametrize(("protocol", "max_tasks_per_child"), [
+    ("http/protobuf", 0),
+    ("grpc", 0),
+    # Every pool child exits (os._exit) right after its task: spans survive only
+    # because the instrumentation flushes them first.
+    ("http/protobuf", 1),
+], ids=["http", "grpc", "http-max-tasks-per-child-1"])
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:
@@ -117,6 +118,27 @@ def _run_demo(tmp_path: Path, protocol: str, max_tasks_per_child: int = 0) -> di
     return data
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``demo(protocol, max_tasks_per_child)``: that configuration's run (its dump,
+    plus ``output``), run once for all the tests that look at it."""
+    runs: dict[tuple[str, int], Any] = {}
+
+    def get(protocol: str, max_tasks_per_child: int) -> dict[str, Any]:
+        key = (protocol, max_tasks_per_child)
+        if key not in runs:
+            try:
+                runs[key] = _run_demo(tmp_path_factory.mktemp("demo"), *key)
+            except pytest.fail.Exception as exc:  # a failed run fails each of its tests
+                runs[key] = exc
+        result = runs[key]
+        if isinstance(result, BaseException):
+            raise result
+        return dict(result)
+
+    return get
+
+
 def _sql(spans: list[Span], under: Span, service: str) -> list[Span]:
     return [
         s for s in find(spans, kind="CLIENT", service=service, attributes={"db.system": "sqlite"})
@@ -166,15 +188,9 @@ def _check_request(spans: list[Span], order: dict[str, Any]) -> tuple[Span, Span
     return server, producer, consumer
 
 
-@pytest.mark.parametrize(("protocol", "max_tasks_per_child"), [
-    ("http/protobuf", 0),
-    ("grpc", 0),
-    # Every pool child exits (os._exit) right after its task: spans survive only
-    # because the instrumentation flushes them first.
-    ("http/protobuf", 1),
-], ids=["http", "grpc", "http-max-tasks-per-child-1"])
-def test_demo_traces(tmp_path: Path, protocol: str, max_tasks_per_child: int) -> None:
-    data = _run_demo(tmp_path, protocol, max_tasks_per_child)
+@CONFIGS
+def test_demo_traces(demo: Any, protocol: str, max_tasks_per_child: int) -> None:
+    data = demo(protocol, max_tasks_per_child)
     orders = data["orders"]
     traces = group_by_trace(data["spans"])
 
@@ -232,6 +248,34 @@ def test_demo_traces(tmp_path: Path, protocol: str, max_tasks_per_child: int) ->
         assert f"trace {order['trace_id']}" in output
     assert "ERROR PaymentDeclined: card declined" in output
     assert "queued " in output
+
+    # And the metrics summary from what the receiver got: every task counted once,
+    # by state, whatever process exported it, with durations and queue times.
+    rows = data["metrics"]["rows"]
+    assert {(row["task"], row["state"]): row["count"] for row in rows} == EXPECTED_TASKS
+    for row in rows:
+        for column in ("process", "queue"):
+            p50, p95 = row[column]
+            assert 0 <= p50 <= p95 < 30, row
+    lines = output.splitlines()
+    assert "Metrics (from the OTLP receiver)" in lines
+    for (task, state), count in EXPECTED_TASKS.items():
+        assert [line for line in lines if line.split()[:3] == [task, state, str(count)]], \
+            f"no summary row {task} {state} {count}:\n{output}"
+    assert "p50/p95 estimated from histogram buckets" in output
+
+
+@CONFIGS
+def test_demo_worker_and_queue_health(demo: Any, protocol: str, max_tasks_per_child: int) -> None:
+    """The summary's last line: the worker's queue and pool gauges as they were
+    exported at its graceful stop (nothing waiting, nothing running, 2 processes)."""
+    data = demo(protocol, max_tasks_per_child)
+    metrics = data["metrics"]
+    assert metrics["queues"] == [{"system": "redis", "queue": "orders-demo", "messages": 0}], \
+        data["output"]
+    assert (metrics["active"], metrics["reserved"], metrics["pool"]) == (0, 0, 2)
+    assert "queue orders-demo (redis): 0 waiting    worker: 0 active, 0 reserved, pool 2" \
+        in data["output"].splitlines()
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])

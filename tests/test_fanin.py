@@ -2,7 +2,8 @@
 
 The end-to-end behaviour (the body span linking to each header) is in test_paths.py
 and test_prefork.py; here: which requests count as chord headers, which messages count
-as the body, and that a result backend that fails costs the chord nothing.
+as the body, that a result backend that fails costs the chord nothing, and, end to
+end on a worker, the Sentinel result backend.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
+import redis
 from celery import Celery, chain, chord, group
-from opentelemetry.trace import SpanContext, TraceFlags
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
 from otel_celery_headers import fanin
+from tests.conftest import instrument, make_app, wait_for, worker
 from tests.support.reliability import capture_our_logger
+from tests.support.servers import redis_sentinel
+from tests.support.spans import by_message, trace_id
 
 CONTEXT = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, False,
                       TraceFlags(TraceFlags.SAMPLED))
@@ -137,3 +141,39 @@ def test_links_parse_strictly_and_stop_at_the_limit():
     links = fanin.links_from(many)
     assert len(links) == fanin.MAX_LINKS and links[-1].context.span_id == fanin.MAX_LINKS
     assert all(link.attributes == {"celery.link": "chord_header"} for link in links)
+
+
+def test_chord_links_through_a_sentinel_backend(redis_url, exporter, tracer):
+    """Result backend behind a real Sentinel: the body's span links to every header span, and the list is in the master."""
+    with redis_sentinel() as (sentinel_url, master_name, master_url):
+        app, t = make_app(redis_url, backend=f"{sentinel_url}/0", task_default_queue="fanin-sentinel")
+        app.conf.result_backend_transport_options = {
+            **app.conf.result_backend_transport_options, "master_name": master_name}
+        assert type(app.backend).__name__ == "SentinelBackend"
+        instrumentor = instrument()
+        try:
+            with worker(app):
+                with tracer.start_as_current_span("request") as root:
+                    result = chord([t.add.s(i, i) for i in range(4)], t.collect.s()).apply_async()
+                assert result.get(timeout=30) == 12
+
+                def body_and_headers(spans):
+                    bodies = by_message(spans, result.id, SpanKind.CONSUMER)
+                    headers = [s for s in spans if s.kind == SpanKind.CONSUMER and s.name == "process t.add"
+                               and trace_id(s) == trace_id(root)]
+                    return (bodies[0], headers) if len(bodies) == 1 and len(headers) == 4 else None
+
+                body, headers = wait_for(body_and_headers, timeout=30)
+        finally:
+            instrumentor.uninstrument()
+        assert {(link.context.trace_id, link.context.span_id) for link in body.links} == {
+            (s.context.trace_id, s.context.span_id) for s in headers}
+        assert [(link.attributes or {}).get("celery.link") for link in body.links] == ["chord_header"] * 4
+        # Written through the Sentinel's master: the key is there, one entry per header.
+        master = redis.Redis.from_url(master_url)
+        try:
+            keys = master.keys(f"*{result.parent.id}*.otel")
+            assert len(keys) == 1 and master.llen(keys[0]) == 4
+            assert 0 < master.ttl(keys[0]) <= 300
+        finally:
+            master.close()

@@ -18,26 +18,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 from otel_celery_headers import CeleryHeadersInstrumentor
 from tests.conftest import PROVIDER, instrument, make_app, wait_for, worker
 from tests.support import servers
+from tests.support.instrumentation import our_receivers, wrapped
 from tests.support.spans import by_message, one, parent_id, span_id, trace_id
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
-SIGNALS = (
-    signals.before_task_publish, signals.task_prerun, signals.task_postrun,
-    signals.worker_process_shutdown, signals.task_failure, signals.task_retry,
-    signals.task_unknown, signals.task_rejected,
-)
-
-
-def our_receivers() -> int:
-    """How many receivers we have connected, over every signal we use."""
-    return sum(
-        1 for signal in SIGNALS for key, _ in signal.receivers
-        if isinstance(key[0], str) and key[0].startswith("otel_celery_headers.")
-    )
-
-
-def wrapped(owner: type, name: str) -> bool:
-    return isinstance(vars(owner)[name], wrapt.FunctionWrapper)
 
 
 def test_instrument_uninstrument_are_exact_mirrors():

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.conftest import instrument, make_app, wait_for, worker
 from tests.support.prefork import prefork_worker
-from tests.support.spans import attr, by_message, one, parent_id, span_id, trace_id
+from tests.support.spans import attr, one, parent_id, span_id, trace_id
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
 
@@ -60,10 +61,10 @@ def test_prefork_hard_time_limit_worker_lost_and_terminate(redis_url, tmp_path, 
 
     (limited_span,) = consumers(spans, limited.id)
     assert limited_span["status"] == "ERROR"
-    assert limited_span["attributes"]["error.type"].endswith("TimeLimitExceeded")
+    assert limited_span["attributes"]["error.type"] == "billiard.exceptions.TimeLimitExceeded"
     (lost_span,) = consumers(spans, lost.id)
     assert lost_span["status"] == "ERROR"
-    assert lost_span["attributes"]["error.type"].endswith("WorkerLostError")
+    assert lost_span["attributes"]["error.type"] == "billiard.exceptions.WorkerLostError"
     (terminated,) = consumers(spans, running.id)
     assert terminated["status"] != "ERROR"
     assert terminated["attributes"]["celery.task.state"] == "REVOKED"
@@ -126,11 +127,9 @@ def test_unknown_task_is_an_error_span_in_the_callers_trace(solo, exporter, trac
     assert parent_id(span) == span_id(one(exporter.get_finished_spans(), result.id, P))
 
 
-def test_rejected_message_is_an_error_span(solo, exporter, tracer):
-    """A message that is not a Celery task (no task name) is rejected: one ERROR span in its sender's trace."""
+def test_rejected_message_is_one_error_span(solo, exporter, tracer):
+    """A message that is not a Celery task (no task name) is rejected: one ERROR span in its sender's trace, once."""
     with tracer.start_as_current_span("sender") as root:
-        from opentelemetry import propagate
-
         headers: dict = {}
         propagate.inject(headers)
         with solo.app.connection_for_write() as conn:
@@ -138,7 +137,73 @@ def test_rejected_message_is_an_error_span(solo, exporter, tracer):
                 {"not": "a task"}, routing_key="lost-solo", headers=headers,
                 declare=[solo.app.amqp.queues["lost-solo"]],
             )
-    span = wait_for(lambda spans: [s for s in spans if s.kind == C and attr(s, "celery.task.state") == "REJECTED"
-                                   and trace_id(s) == trace_id(root)], timeout=30)[0]
+
+    def rejected(spans):
+        return [s for s in spans if s.kind == C and attr(s, "celery.task.state") == "REJECTED"]
+
+    wait_for(rejected, timeout=30)
+    # "Once": the solo worker takes messages in order, so when a task published after the
+    # rejected message has a finished span, any second span for the rejection would be
+    # there too.
+    fence = solo.t.add.delay(0, 0)
+    assert fence.get(timeout=30) == 0
+    wait_for(lambda spans: one(spans, fence.id, C))
+    (span,) = rejected(exporter.get_finished_spans())
+    assert span.name == "process unknown"
     assert span.status.status_code == StatusCode.ERROR
-    assert len(by_message(exporter.get_finished_spans(), "", C)) == 0
+    assert attr(span, "error.type") == "ValueError"
+    assert attr(span, "celery.task.name") == "unknown"
+    assert trace_id(span) == trace_id(root) and parent_id(span) == span_id(root)
+    # The message has no task id: the span has no messaging.message.id at all (not "").
+    assert "messaging.message.id" not in span.attributes
+    assert [e.name for e in span.events] == ["exception"]
+
+
+def _active_ids(app, worker) -> set[str]:
+    """Ids of the tasks the worker reports running in a pool child (time_start set)."""
+    replies = app.control.inspect(destination=[f"{worker.queue}@localhost"], timeout=1).active() or {}
+    return {task["id"] for tasks in replies.values() for task in tasks if task.get("time_start")}
+
+
+def test_prefork_terminate_signal_and_soft_time_limit(redis_url, tmp_path, exporter, tracer, producer_side):
+    """revoke(terminate=True, signal=...) names the signal on the span; a soft time limit is an ERROR span
+    carrying the worker's node name."""
+    with prefork_worker(redis_url, tmp_path, concurrency=3) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        with tracer.start_as_current_span("request") as root:
+            soft = t.sleep.apply_async((30,), soft_time_limit=1)
+            by_term = t.sleep.delay(30)
+            by_kill = t.sleep.delay(30)
+        # Only a running task is terminated (a reserved one would just be revoked).
+        deadline = time.monotonic() + 30
+        while not {by_term.id, by_kill.id} <= _active_ids(app, w):
+            assert time.monotonic() < deadline, f"tasks never started; log:\n{w.log()[-3000:]}"
+            time.sleep(0.1)
+        app.control.revoke(by_term.id, terminate=True, signal="SIGTERM")
+        app.control.revoke(by_kill.id, terminate=True, signal="SIGKILL")
+        with pytest.raises(SoftTimeLimitExceeded):
+            soft.get(timeout=60)
+        deadline = time.monotonic() + 30
+        while {by_term.state, by_kill.state} != {"REVOKED"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert by_term.state == by_kill.state == "REVOKED"
+        w.stop()
+        spans = w.spans()
+
+    root_trace = hexid(trace_id(root), 32)
+    (soft_span,) = consumers(spans, soft.id)
+    assert soft_span["status"] == "ERROR"
+    # Celery re-exports billiard's class; error.type names where the class is defined.
+    assert soft_span["attributes"]["error.type"] == "billiard.exceptions.SoftTimeLimitExceeded"
+    assert soft_span["attributes"]["celery.task.state"] == "FAILURE"
+    assert soft_span["trace_id"] == root_trace
+    # The node name given with `celery worker --hostname` (prefork.py).
+    assert soft_span["attributes"]["celery.worker.hostname"] == f"{w.queue}@localhost"
+    for result, signal_name in ((by_term, "SIGTERM"), (by_kill, "SIGKILL")):
+        (span,) = consumers(spans, result.id)
+        assert span["status"] == "UNSET"
+        assert span["attributes"]["celery.task.state"] == "REVOKED"
+        assert span["attributes"]["celery.task.revoked.reason"] == "terminated"
+        assert span["attributes"]["celery.task.revoked.signal"] == signal_name
+        assert span["trace_id"] == root_trace

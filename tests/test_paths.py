@@ -250,7 +250,10 @@ def test_link_and_link_error_callbacks_continue_the_trace(env, exporter, tracer)
         assert_linked(root, *pair(task_id))
 
 
-@pytest.mark.parametrize("task_name", ["retry_once", "autoretry"])
+REASONS = {"retry_once": None, "autoretry": "first attempt fails", "retry_with_reason": "rate limited"}
+
+
+@pytest.mark.parametrize("task_name", ["retry_once", "autoretry", "retry_with_reason"])
 def test_retry_attempts_each_get_a_span_in_the_same_trace(env, exporter, tracer, task_name):
     """retry() and autoretry_for: one span per attempt, attempt number recorded, one trace."""
     with tracer.start_as_current_span("request") as root:
@@ -265,7 +268,11 @@ def test_retry_attempts_each_get_a_span_in_the_same_trace(env, exporter, tracer,
     assert [attr(first, "celery.task.retries"), attr(second, "celery.task.retries")] == [0, 1]
     assert trace_id(first) == trace_id(second) == trace_id(root)
     assert attr(first, "celery.task.state") == "RETRY"
-    assert first.status.status_code != StatusCode.ERROR
+    assert first.status.status_code == StatusCode.UNSET
+    # celery.retry.reason: the exception the retry was for (autoretry_for passes it as
+    # Retry.exc); a bare self.retry() has none, and the attribute is absent.
+    assert attr(first, "celery.retry.reason") == REASONS[task_name]
+    assert attr(second, "celery.retry.reason") is None
     # The second attempt's message was published from inside the first attempt:
     # its parent is that publish, not the stale context copied from the first message.
     retry_publish = [s for s in by_message(exporter.get_finished_spans(), result.id, P)
@@ -323,8 +330,12 @@ def test_expected_exceptions_in_throws_are_not_errors(env, exporter, tracer):
     with pytest.raises(KeyError):
         result.get(timeout=TIMEOUT)
     span = consumer(result.id)
-    assert span.status.status_code != StatusCode.ERROR
+    # Recorded (error.type names the class, as for any failure) but not an error:
+    # status UNSET, no exception event.
+    assert span.status.status_code == StatusCode.UNSET
+    assert attr(span, "error.type") == "KeyError"
     assert attr(span, "celery.task.state") == "FAILURE"
+    assert [e.name for e in span.events] == []
 
 
 @pytest.mark.parametrize(("task_name", "state"), [("ignore_me", "IGNORED"), ("reject_me", "REJECTED")])

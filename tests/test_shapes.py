@@ -9,9 +9,11 @@ import pytest
 from celery import chord
 from celery.beat import Scheduler
 from opentelemetry import baggage, context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import SpanKind
 
-from tests.conftest import METRICS, instrument, make_app, wait_for, worker
+from tests.conftest import instrument, make_app, wait_for, worker
 from tests.support.spans import attr, by_message, one, parent_id, span_id, trace_id
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
@@ -115,36 +117,68 @@ def test_beat_entry_is_a_new_trace_per_due_run(env, exporter, tracer, instrument
 
 
 def test_metrics_are_recorded_with_bounded_attributes(env, exporter, tracer, instrumented_with):
-    """Publish and process counters and histograms, queue time, in UCUM units, with no task ids."""
-    instrumented_with()
-    METRICS.get_metrics_data()  # start from a clean cumulative view of what follows
+    """Publish and process counters and histograms, queue time, in UCUM units, with no task ids.
+
+    A MeterProvider of this test's own: the counts are exactly this test's messages.
+    """
+    reader = InMemoryMetricReader()
+    instrumented_with(meter_provider=MeterProvider(metric_readers=[reader]))
     results = [env.t.add.delay(i, i) for i in range(3)]
     failed = env.t.fail.delay()
     assert [r.get(timeout=20) for r in results] == [0, 2, 4]
     with pytest.raises(ValueError):
         failed.get(timeout=20)
-    wait_for(lambda spans: one(spans, failed.id, C))
+    # The worker counts a delivery just after its span ends (Request.on_success, see
+    # deliveries.py): the solo worker runs in order, so once the fence is counted, all
+    # of the above are in.
+    fence = env.t.add.delay(0, 0)
+    assert fence.get(timeout=20) == 0
 
     def ours() -> dict:
-        data = METRICS.get_metrics_data()
+        data = reader.get_metrics_data()
         return {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
                 if sm.scope.name == "otel_celery_headers" for m in sm.metrics}
 
-    # The worker counts a delivery after its task's span ends (Request.on_failure).
-    metrics = wait_for(lambda _: (m := ours()) and "messaging.client.consumed.messages" in m and any(
-        p.attributes.get("error.type") == "ValueError"
-        for p in m["messaging.client.consumed.messages"].data.data_points) and m)
-    assert set(metrics) >= {
+    def fenced(_: object) -> dict | None:
+        found = ours()
+        consumed = found.get("messaging.client.consumed.messages")
+        adds = sum(p.value for p in consumed.data.data_points
+                   if p.attributes["celery.task.name"] == "t.add") if consumed else 0
+        return found if adds == 4 else None
+
+    metrics = wait_for(fenced)
+    assert set(metrics) == {
         "messaging.client.sent.messages", "messaging.client.operation.duration",
         "messaging.client.consumed.messages", "messaging.process.duration", "celery.message.queue_time",
     }
     assert metrics["messaging.client.sent.messages"].unit == "{message}"
+    assert metrics["messaging.client.consumed.messages"].unit == "{message}"
+    assert metrics["messaging.client.operation.duration"].unit == "s"
     assert metrics["messaging.process.duration"].unit == "s"
     assert metrics["celery.message.queue_time"].unit == "s"
-    consumed = metrics["messaging.client.consumed.messages"].data.data_points
-    by_task = {(p.attributes["celery.task.name"], p.attributes.get("error.type")): p.value for p in consumed}
-    assert by_task[("t.add", None)] >= 3 and by_task[("t.fail", "ValueError")] >= 1
-    ids = {r.id for r in results} | {failed.id}
+
+    def points(name: str) -> list:
+        """(attributes, count or value) of each point, sorted by task name."""
+        return sorted(((dict(p.attributes), p.count if hasattr(p, "count") else p.value)
+                       for p in metrics[name].data.data_points), key=lambda item: item[0]["celery.task.name"])
+
+    base = {"messaging.system": "redis", "messaging.destination.name": "shapes"}
+    send = {**base, "messaging.operation.name": "send"}
+    process = {**base, "messaging.operation.name": "process"}
+    # 4 t.add (3 + the fence) and 1 t.fail, on each side.
+    published = [({**send, "celery.task.name": "t.add"}, 4), ({**send, "celery.task.name": "t.fail"}, 1)]
+    assert points("messaging.client.sent.messages") == published
+    assert points("messaging.client.operation.duration") == published
+    processed = [
+        ({**process, "celery.task.name": "t.add", "celery.task.state": "SUCCESS"}, 4),
+        ({**process, "celery.task.name": "t.fail", "celery.task.state": "FAILURE", "error.type": "ValueError"}, 1),
+    ]
+    assert points("messaging.client.consumed.messages") == processed
+    assert points("messaging.process.duration") == processed
+    # Time in queue is recorded when the task starts: no outcome is known yet.
+    assert points("celery.message.queue_time") == [
+        ({**process, "celery.task.name": "t.add"}, 4), ({**process, "celery.task.name": "t.fail"}, 1)]
+    ids = {r.id for r in results} | {failed.id, fence.id}
     for metric in metrics.values():
         for point in metric.data.data_points:
             assert not ids & {str(v) for v in point.attributes.values()}
@@ -170,6 +204,8 @@ def test_chord_links_option_and_its_backend_keys(env, exporter, tracer, instrume
     keys = client.keys(f"*{result.parent.id}*otel*")
     if enabled:
         assert len(body.links) == 3 and len(keys) == 1 and client.llen(keys[0]) == 3
-        assert 0 < client.ttl(keys[0]) <= 86400  # the result backend's lifetime, not forever
+        # The app's result_expires (300 s, see make_app), not the one-day fallback nor forever.
+        assert env.app.conf.result_expires == 300
+        assert 0 < client.ttl(keys[0]) <= 300
     else:
         assert not body.links and keys == []

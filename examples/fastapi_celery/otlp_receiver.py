@@ -2,8 +2,9 @@
 
 Not a collector: it keeps every span in memory, has no auth and listens on loopback.
 It accepts OTLP/HTTP protobuf (``POST /v1/traces``, optionally gzip) and, when
-``grpcio`` is installed and asked for, OTLP/gRPC. Metrics and logs are accepted and
-dropped, so a process exporting all three signals gets no errors.
+``grpcio`` is installed and asked for, OTLP/gRPC. Metrics go to ``on_metrics`` (each
+``ExportMetricsServiceRequest`` as it arrives; see ``metrics_summary.py``) or are
+dropped, as logs are, so a process exporting all three signals gets no errors.
 
 In code::
 
@@ -15,7 +16,8 @@ In code::
         ...
         spans = receiver.wait_for_trace(trace_id, lambda t: find(t, kind="CONSUMER"))
 
-From a shell (runs until Ctrl-C, prints each trace once it is finished)::
+From a shell (runs until Ctrl-C, prints each trace once it is finished, and the
+metrics summary of ``metrics_summary.py`` at the end)::
 
     python otlp_receiver.py --http-port 4318 --grpc-port 4317 [--dump spans.json]
 
@@ -67,6 +69,7 @@ __all__ = [
 ]
 
 Span = dict[str, Any]
+MetricsRequest = metrics_service_pb2.ExportMetricsServiceRequest
 T = TypeVar("T")
 
 #: Set by otel-celery-headers on CONSUMER spans: seconds the message waited.
@@ -385,7 +388,9 @@ class OTLPReceiver:
     ``http``/``grpc`` choose the transports (gRPC needs ``grpcio``); ports 0 mean
     "any free port". With ``print_traces`` each finished trace (no new span for
     ``settle`` seconds) is written to ``out`` as a waterfall; ``color=None`` means
-    colour only if ``out`` is a terminal.
+    colour only if ``out`` is a terminal. ``on_metrics`` is called, on a receiver
+    thread, with each ``ExportMetricsServiceRequest`` before the exporter gets its
+    reply (so once an exporting process has exited, its last metrics are in).
     """
 
     def __init__(
@@ -401,8 +406,10 @@ class OTLPReceiver:
         out: IO[str] | None = None,
         color: bool | None = None,
         width: int = 40,
+        on_metrics: Callable[[MetricsRequest], None] | None = None,
     ) -> None:
         self.host = host
+        self.on_metrics = on_metrics
         self._want_http, self._http_port = http, http_port
         self._want_grpc, self._grpc_port = grpc, grpc_port
         self.print_traces = print_traces
@@ -662,6 +669,10 @@ def _handler(receiver: OTLPReceiver) -> type[BaseHTTPRequestHandler]:
                     request = trace_service_pb2.ExportTraceServiceRequest()
                     request.ParseFromString(body)
                     receiver.add(spans_from_request(request))
+                elif path == "/v1/metrics" and receiver.on_metrics is not None:
+                    metrics = MetricsRequest()
+                    metrics.ParseFromString(body)
+                    receiver.on_metrics(metrics)
             except Exception as exc:  # noqa: BLE001 - a bad body is the client's problem
                 return self._reply(400, str(exc).encode(), "text/plain")
             self._reply(200, response().SerializeToString(), "application/x-protobuf")
@@ -697,6 +708,8 @@ def _start_grpc(receiver: OTLPReceiver, host: str, port: int) -> tuple[Any, int]
 
     class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
         def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+            if receiver.on_metrics is not None:
+                receiver.on_metrics(request)
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
     class Logs(logs_service_pb2_grpc.LogsServiceServicer):
@@ -730,9 +743,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds without new spans after which a trace is printed")
     parser.add_argument("--dump", help="write all spans as JSON to this file on exit")
     args = parser.parse_args(argv)
+    from metrics_summary import MetricStore, render, summarize  # beside this file
+
+    metrics = MetricStore()
     receiver = OTLPReceiver(
         host=args.host, http_port=args.http_port, grpc=args.grpc_port is not None,
         grpc_port=args.grpc_port or 0, print_traces=True, settle=args.settle,
+        on_metrics=metrics.add,
     ).start()
     def terminate(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -748,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         receiver.stop()
+        if metrics.exports:
+            print(render(summarize(metrics.points())), flush=True)
         if args.dump:
             receiver.dump_json(args.dump)
     return 0

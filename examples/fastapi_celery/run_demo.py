@@ -11,8 +11,11 @@ OTLP receiver that prints every finished trace as a waterfall (or none if
 
 Then it places three orders, the second one set to fail, waits until each trace is
 complete (request, SQL, publish, task, the task's SQL, the follow-up ``notify`` task;
-for the failing order the task's span with status ERROR), stops everything it
-started and exits 0 (1 if a trace stayed incomplete, 130 on Ctrl-C).
+for the failing order the task's span with status ERROR) and until the worker's
+metrics count every task, stops everything it started (a graceful stop: the
+processes export their last metrics on the way out), prints what the receiver got
+as metrics (``metrics_summary.py``) and exits 0 (1 if a trace stayed incomplete or
+the metrics did not count the tasks, 130 on Ctrl-C).
 
 The demo itself plays a traced HTTP client (service ``demo-client``), as a browser or
 another instrumented service would: that is how it knows each order's trace id. The
@@ -42,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from metrics_summary import MetricStore, Point, render, summarize  # noqa: E402
 from otlp_receiver import OTLPReceiver, find  # noqa: E402
 
 if TYPE_CHECKING:
@@ -53,6 +57,15 @@ ORDERS: list[dict[str, Any]] = [
     {"item": "milk frother", "quantity": 1, "fail": False},
 ]
 FINAL_STATUS = {False: "notified", True: "payment_declined"}
+# Seconds to wait, once the traces are in, for the metrics to count every task: a
+# few export intervals on a loaded machine.
+METRICS_TIMEOUT = 10.0
+# What the worker's metrics must count once the orders are done: (task, state) -> n.
+EXPECTED_TASKS = {
+    ("notify", "SUCCESS"): sum(not o["fail"] for o in ORDERS),
+    ("process_order", "FAILURE"): sum(bool(o["fail"]) for o in ORDERS),
+    ("process_order", "SUCCESS"): sum(not o["fail"] for o in ORDERS),
+}
 
 # Instrumentations that would only add noise here if installed: kombu's Redis
 # polling (BRPOP every second, each its own trace), the same SQL twice through
@@ -240,6 +253,10 @@ def trace_complete(spans: list[dict[str, Any]], fail: bool) -> bool:
     return bool(find(spans, name="process notify", kind="CONSUMER"))
 
 
+def task_counts(points: list[Point]) -> dict[tuple[str, str], int | None]:
+    return {(row.task, row.state): row.count for row in summarize(points).rows}
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -296,7 +313,10 @@ def run(args: argparse.Namespace, stack: ExitStack, processes: list[Process]) ->
     if endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
         env.pop("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", None)
-    env.setdefault("OTEL_METRICS_EXPORTER", "none")
+    env.setdefault("OTEL_METRICS_EXPORTER", "otlp")
+    # ms; the SDK's default of 60 s would outlast the demo. Cumulative temporality
+    # (the default): each export repeats the totals so far.
+    env.setdefault("OTEL_METRIC_EXPORT_INTERVAL", "1000")
     env.setdefault("OTEL_LOGS_EXPORTER", "none")
     env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")  # ms; the default 5 s is slow for a demo
     env.setdefault("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", DISABLED_INSTRUMENTATIONS)
@@ -325,10 +345,11 @@ def run(args: argparse.Namespace, stack: ExitStack, processes: list[Process]) ->
     stack.callback(worker.stop)
     processes.append(worker)
 
+    metrics = MetricStore()
     if not user_endpoint:
         receiver = OTLPReceiver(
             http=protocol != "grpc", http_port=http_port, grpc=protocol == "grpc",
-            grpc_port=grpc_port,
+            grpc_port=grpc_port, on_metrics=metrics.add,
         )
         receiver.start()
         stack.callback(receiver.stop)
@@ -391,12 +412,30 @@ def run(args: argparse.Namespace, stack: ExitStack, processes: list[Process]) ->
         # (they also flush at shutdown, which comes next).
         time.sleep(1)
 
-    # Stop the apps first: their last spans are flushed at exit.
+    metrics_wanted = receiver is not None and "otlp" in env["OTEL_METRICS_EXPORTER"].split(",")
+    if metrics_wanted:
+        # At least one export after the last task: the periodic reader exports every
+        # OTEL_METRIC_EXPORT_INTERVAL, whichever process records the task metrics.
+        counted = metrics.wait_for(
+            lambda points: task_counts(points) == EXPECTED_TASKS, METRICS_TIMEOUT)
+        if not counted:
+            ok = False
+            print(f"metrics INCOMPLETE: expected {EXPECTED_TASKS}, "
+                  f"received {task_counts(metrics.points())}\n", flush=True)
+
+    # Stop the apps first: their last spans are flushed at exit, and a graceful stop
+    # shuts the SDK's MeterProvider down, which exports a last collection (worker
+    # and queue gauges as they are after the work) before the process exits.
     worker.stop()
     api.stop()
 
+    summary = summarize(metrics.points())
+    if metrics_wanted:
+        print(render(summary) + "\n", flush=True)
+
     if args.dump_spans:
-        data = {"orders": placed, "spans": receiver.spans() if receiver else []}
+        data = {"orders": placed, "spans": receiver.spans() if receiver else [],
+                "metrics": summary.as_dict()}
         Path(args.dump_spans).write_text(json.dumps(data, indent=1, sort_keys=True))
         print(f"spans written to {args.dump_spans}")
 

@@ -62,6 +62,21 @@ MESSAGE_FACTS: Final = (
 OPERATION_SEND: Final = "send"
 OPERATION_PROCESS: Final = "process"
 
+
+def start_attributes(system: str, operation: str, destination: str, task: str) -> dict[str, str]:
+    """The attributes a span is started with: what a sampler sees.
+
+    What a sampling rule keys on (the broker, send or process, the queue, the task);
+    every other attribute is set only on a span that records, so an unsampled message
+    does not pay for attributes nobody reads (see the README, "Attributes").
+    """
+    return {
+        MESSAGING_SYSTEM: system,
+        MESSAGING_OPERATION_TYPE: operation,
+        MESSAGING_DESTINATION_NAME: destination,
+        CELERY_TASK_NAME: task,
+    }
+
 # Broker URL scheme -> messaging.system. Redis has no value in the incubating enum
 # yet; "redis" is what the conventions' issue tracker and the Redis instrumentations use.
 _SYSTEMS: Final[dict[str, str]] = {

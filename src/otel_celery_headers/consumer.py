@@ -130,31 +130,35 @@ class Consumer:
             return _Execution(task_id, None, activation, time.perf_counter(), metric_attributes)
 
         waited = None if eager else queue_time(request)
-        span_attributes: dict[str, Any] = {
-            attrs.MESSAGING_SYSTEM: system,
-            attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,
-            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
-            attrs.MESSAGING_DESTINATION_NAME: destination,
-            attrs.MESSAGING_MESSAGE_ID: task_id,
-            attrs.CELERY_TASK_NAME: name,
-        }
-        request_attributes(request, span_attributes)
-        if eager:
-            span_attributes[attrs.CELERY_TASK_EAGER] = True
-        if shape != "child":
-            span_attributes[attrs.CELERY_TRACE_SHAPE] = shape
         if waited is not None:
-            span_attributes[attrs.CELERY_QUEUE_TIME] = waited
             if self._counts(eager):
                 self._instruments.queue_time.record(waited, metric_attributes)
 
+        # The sampler sees the start attributes (attrs.start_attributes); the rest is
+        # built only for a span that records: at 1% sampling, 99 tasks in 100 would
+        # otherwise build them for nobody (issue 12).
         span = self._tracer.start_span(
             f"{attrs.OPERATION_PROCESS} {name}",
             context=parent,
             kind=SpanKind.CONSUMER,
-            attributes=span_attributes,
+            attributes=attrs.start_attributes(
+                system, attrs.OPERATION_PROCESS, destination, name
+            ),
             links=links,
         )
+        if span.is_recording():
+            span_attributes: dict[str, Any] = {
+                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
+                attrs.MESSAGING_MESSAGE_ID: task_id,
+            }
+            request_attributes(request, span_attributes)
+            if eager:
+                span_attributes[attrs.CELERY_TASK_EAGER] = True
+            if shape != "child":
+                span_attributes[attrs.CELERY_TRACE_SHAPE] = shape
+            if waited is not None:
+                span_attributes[attrs.CELERY_QUEUE_TIME] = waited
+            span.set_attributes(span_attributes)
         hook = self._options.process_hook
         if hook is not None:
             try:

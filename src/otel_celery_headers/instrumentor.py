@@ -19,6 +19,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
 from . import forkmetrics
+from . import health as health_module
 from . import options as options_module
 from .consumer import Consumer
 from .deliveries import Deliveries
@@ -50,6 +51,9 @@ _SIGNALS = (
     signals.task_retry,
     signals.task_unknown,
     signals.task_rejected,
+    signals.worker_init,
+    signals.worker_ready,
+    signals.worker_shutdown,
 )
 
 
@@ -108,6 +112,9 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._deliveries: Deliveries | None = deliveries
         deliveries.start(Request)
         forkmetrics.forget_in_children(instruments.all())
+        health = health_module.Health(options.queue_length)
+        health_module.create_instruments(meter)
+        health_module.activate(health)
 
         wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
         wrap_function_wrapper(Celery, "send_task", producer.wrap_send_task)
@@ -126,6 +133,10 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             (signals.task_retry, deliveries.on_task_retry),
             (signals.task_unknown, deliveries.on_task_unknown),
             (signals.task_rejected, deliveries.on_task_rejected),
+            # Worker and queue health, main process only (health.py).
+            (signals.worker_init, health.on_worker_init),
+            (signals.worker_ready, health.on_worker_ready),
+            (signals.worker_shutdown, health.on_worker_shutdown),
         ]
         for signal, receiver in receivers:
             # dispatch_uid: connecting twice replaces, never doubles, a receiver.
@@ -147,6 +158,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         forkmetrics.stop()
         for signal in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
+        health_module.activate(None)  # its instruments stay in the SDK, and go quiet
         flusher = getattr(self, "_flusher", None)
         if flusher is not None:
             flusher.stop()

@@ -25,8 +25,35 @@ from opentelemetry import metrics, trace
 
 from ._guard import report
 
-
 _child_of: dict[int, bool] = {}
+
+# The metrics SDK does not reset its locks after fork (open-telemetry/opentelemetry-python
+# #4626, closed unmerged). A pool child forked while the main process's reader thread
+# was collecting or exporting (health.py makes the main process export on every
+# interval) inherits those locks held, by a thread that does not exist in the child:
+# its flush at exit would wait forever. Right after fork the child has no other
+# thread, so new locks are safe. The flush at exit is also bounded (on_process_shutdown)
+# for any lock this does not know about.
+_current: Flusher | None = None
+_fork_hook = False
+
+
+def _after_fork_in_child() -> None:
+    flusher = _current
+    if flusher is None:
+        return
+    try:
+        provider = flusher._meter_provider or metrics.get_meter_provider()
+        consumer = getattr(provider, "_measurement_consumer", None)
+        if consumer is not None and hasattr(consumer, "_lock"):
+            consumer._lock = threading.Lock()
+        config = getattr(provider, "_sdk_config", None)
+        readers: Any = getattr(provider, "_metric_readers", None)  # SDK 1.45
+        for reader in readers or getattr(config, "metric_readers", None) or ():  # 1.28
+            if hasattr(reader, "_export_lock"):
+                reader._export_lock = threading.Lock()
+    except Exception as exc:  # noqa: BLE001
+        report("metric locks after fork", exc)
 
 
 def in_pool_child() -> bool:
@@ -62,10 +89,18 @@ class Flusher:
         self._pid = 0
         self._kick: threading.Event | None = None
         self._stopped = False
+        global _current, _fork_hook
+        _current = self
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)  # once: it cannot be undone
+            _fork_hook = True
 
     def stop(self) -> None:
         """Called by uninstrument(): the background thread ends after its next wake-up."""
         self._stopped = True
+        global _current
+        if _current is self:
+            _current = None
         if self._kick is not None:
             self._kick.set()
 
@@ -77,7 +112,9 @@ class Flusher:
             # First task in this process (or first after a fork): decide once.
             self._pid = pid
             self._kick = None
-            if self._interval > 0 and in_pool_child():
+            # flush_timeout_ms=0 disables flushing in pool children altogether: after
+            # tasks as at exit (no thread is started).
+            if self._interval > 0 and self._timeout_ms > 0 and in_pool_child():
                 self._kick = threading.Event()
                 threading.Thread(
                     target=self._loop, args=(self._kick,), name="otel-celery-flush", daemon=True
@@ -95,7 +132,7 @@ class Flusher:
             flush = getattr(provider, "force_flush", None)
             if flush is not None:
                 try:
-                    flush(timeout_millis=self._timeout_ms or 5000)
+                    flush(timeout_millis=self._timeout_ms)
                 except Exception as exc:  # noqa: BLE001
                     report("flush after task", exc)
             time.sleep(self._interval)
@@ -105,6 +142,16 @@ class Flusher:
     def on_process_shutdown(self, **_: Any) -> None:
         if self._timeout_ms <= 0:
             return
+        # From a daemon thread, waited for at most the timeout: a lock held since the
+        # fork (see _after_fork_in_child) must not keep the child from exiting;
+        # billiard's os._exit ends the child, and that thread, either way.
+        flushing = threading.Thread(
+            target=self._flush_providers, name="otel-celery-exit-flush", daemon=True
+        )
+        flushing.start()
+        flushing.join(self._timeout_ms / 1000.0)
+
+    def _flush_providers(self) -> None:
         for provider in (
             self._tracer_provider or trace.get_tracer_provider(),
             self._meter_provider or metrics.get_meter_provider(),

@@ -6,10 +6,10 @@ Two wrapt wrappers mark a publish: ``Task.apply_async`` (``delay``, signatures, 
 publish already under way and the inner wrapper passes through: one span per message.
 
 The span is opened in ``before_task_publish``, when the message's id, queue and
-headers are known, so every attribute is set at once at span start (sampling sees
-them, and there is no second pass); its start time is taken when the wrapper was
-entered, so it still covers the whole call. An eager ``apply_async`` never reaches
-that signal and so has no publish span, without looking up Celery's configuration.
+headers are known, with the attributes a sampler keys on (``start_attributes``); the
+message facts are added only if the span records. Its start time is taken when the
+wrapper was entered, so it still covers the whole call. An eager ``apply_async`` never
+reaches that signal and so has no publish span, without looking up Celery's configuration.
 A call that fails before the signal gets its span, marked ERROR, from the wrapper.
 
 Injection happens in the same signal, into the real message headers Celery is about
@@ -69,6 +69,9 @@ class _Publish:
     span: Span | None = None
     activation: Token[Context] | None = None
     metric_attributes: dict[str, Any] = field(default_factory=dict)
+    #: Through Task.apply_async, which runs the task in place under task_always_eager
+    #: (send_task never does).
+    eager_possible: bool = False
 
 
 # The `celery beat` schedule entry being sent, named on its publish span.
@@ -91,7 +94,9 @@ class Producer:
     ) -> Any:
         if current_publish.get() is not None:
             return wrapped(*args, **kwargs)
-        return self._traced(wrapped, args, kwargs, lambda: (instance.name, instance._get_app()))
+        return self._traced(
+            wrapped, args, kwargs, lambda: (instance.name, instance._get_app()), eager_possible=True
+        )
 
     def wrap_send_task(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
@@ -108,10 +113,13 @@ class Producer:
         args: Any,
         kwargs: Any,
         describe: Callable[[], tuple[Any, Any]],
+        eager_possible: bool = False,
     ) -> Any:
         try:
             name, app = describe()
-            publish = _Publish(str(name), app, time.time_ns(), time.perf_counter())
+            publish = _Publish(
+                str(name), app, time.time_ns(), time.perf_counter(), eager_possible=eager_possible
+            )
         except Exception as exc:  # noqa: BLE001
             report("publish", exc)
             return wrapped(*args, **kwargs)
@@ -152,31 +160,33 @@ class Producer:
             otel_context.detach(activation)
 
     def _open(self, publish: _Publish, facts: Mapping[str, Any], destination: str) -> Span:
-        """Start the publish's span with every attribute, and make it current."""
+        """Start the publish's span, and make it current.
+
+        The sampler sees the start attributes; the message facts are read and set
+        only when the span records (an unsampled publish does not build them).
+        """
         system = attrs.messaging_system(publish.app)
-        attributes: dict[str, Any] = {
-            attrs.MESSAGING_SYSTEM: system,
-            attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_SEND,
-            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-            attrs.MESSAGING_DESTINATION_NAME: destination,
-            attrs.CELERY_TASK_NAME: publish.name,
-        }
-        for key, attr in _FROM_MESSAGE:
-            value = facts.get(key)
-            if isinstance(value, str):
-                attributes[attr] = value
-        retries = facts.get("retries")
-        if isinstance(retries, int):
-            attributes[attrs.CELERY_TASK_RETRIES] = retries
-        entry = _beat_entry.get()
-        if entry is not None:
-            attributes[attrs.CELERY_BEAT_ENTRY] = entry
         span = self._tracer.start_span(
             f"{attrs.OPERATION_SEND} {publish.name}",
             kind=SpanKind.PRODUCER,
-            attributes=attributes,
+            attributes=attrs.start_attributes(
+                system, attrs.OPERATION_SEND, destination, publish.name
+            ),
             start_time=publish.start_ns,
         )
+        if span.is_recording():
+            attributes: dict[str, Any] = {attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND}
+            for key, attr in _FROM_MESSAGE:
+                value = facts.get(key)
+                if isinstance(value, str):
+                    attributes[attr] = value
+            retries = facts.get("retries")
+            if isinstance(retries, int):
+                attributes[attrs.CELERY_TASK_RETRIES] = retries
+            entry = _beat_entry.get()
+            if entry is not None:
+                attributes[attrs.CELERY_BEAT_ENTRY] = entry
+            span.set_attributes(attributes)
         publish.span = span
         publish.metric_attributes = {
             attrs.MESSAGING_SYSTEM: system,
@@ -190,7 +200,7 @@ class Producer:
     def _failed(self, publish: _Publish, exc: BaseException) -> None:
         try:
             if publish.span is None:
-                if publish.app.conf.task_always_eager:
+                if publish.eager_possible and publish.app.conf.task_always_eager:
                     return  # the eager task's own exception: its span says so
                 # Failed before the message was built (arguments, routing, ...).
                 publish.span = self._tracer.start_span(
@@ -251,11 +261,20 @@ class Producer:
     def _inject(self, headers: MutableMapping[str, Any], facts: Mapping[str, Any]) -> None:
         ctx = otel_context.get_current()
         textmap = propagate.get_global_textmap()
-        fields = self._propagation_fields(textmap)
-        if not fields.isdisjoint(headers) and trace.get_current_span(ctx).get_span_context().is_valid:
-            # A retry or replace republishes the previous message's headers: remove
-            # that stale context so nothing of the old one survives our injection.
-            drop_fields(headers, fields)
+        # CompositePropagator.fields builds a new set on every call: cache it for the
+        # propagator object in use (the global one can be replaced at any time).
+        if textmap is not self._fields_of:
+            self._fields = frozenset(textmap.fields)
+            self._fields_of = textmap
+        fields = self._fields
+        # A retry or replace republishes the previous message's headers: remove that
+        # stale context so nothing of the old one survives our injection. (A loop over
+        # the few fields, not fields.isdisjoint(headers), which walks every header.)
+        for name in fields:
+            if name in headers:
+                if trace.get_current_span(ctx).get_span_context().is_valid:
+                    drop_fields(headers, fields)
+                break
         textmap.inject(headers, context=ctx, setter=_SETTER)
         baggage = headers.get("baggage")
         if isinstance(baggage, str) and len(baggage) > self._options.max_baggage_bytes:
@@ -283,14 +302,6 @@ class Producer:
             links = fanin.collect(chord)
             if links is not None:
                 headers[fanin.CHORD_LINKS_HEADER] = links
-
-    def _propagation_fields(self, textmap: TextMapPropagator) -> frozenset[str]:
-        # CompositePropagator.fields builds a new set on every call: cache it for the
-        # propagator object in use (the global one can be replaced at any time).
-        if textmap is not self._fields_of:
-            self._fields = frozenset(textmap.fields)
-            self._fields_of = textmap
-        return self._fields
 
     def _bound_baggage(self, headers: MutableMapping[str, Any], baggage: str) -> None:
         bounded, dropped = bound_baggage(baggage, self._options.max_baggage_bytes)

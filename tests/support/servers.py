@@ -69,6 +69,57 @@ def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
 
 
 @contextmanager
+def redis_sentinel(master_name: str = "otelmaster") -> Iterator[tuple[str, str, str]]:
+    """A Redis master and one Sentinel monitoring it (the same redis-server binary).
+
+    Yields ``(sentinel url, master name, master url)``; the Sentinel answers for the
+    master before this yields.
+    """
+    with redis_server() as (master_url, _master):
+        master_port = int(master_url.rsplit(":", 1)[1])
+        port = free_port()
+        workdir = tempfile.mkdtemp(prefix="otel-celery-sentinel-")
+        config = Path(workdir, "sentinel.conf")  # Sentinel rewrites it: a file of its own
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {workdir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {master_name} 5000\n"
+        )
+        proc = subprocess.Popen(
+            [redis_binary(), str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(port, 15, proc)
+            _wait_sentinel_master(port, master_name, master_port, 15)
+            yield f"sentinel://127.0.0.1:{port}", master_name, master_url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_sentinel_master(port: int, master_name: str, master_port: int, timeout: float) -> None:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            address = client.execute_command("SENTINEL", "get-master-addr-by-name", master_name)
+            if address and int(address[1]) == master_port:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sentinel on {port} does not know {master_name}: {address!r}")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@contextmanager
 def rabbitmq_server() -> Iterator[str]:
     """Yield the AMQP URL of a throwaway RabbitMQ node (its own node name and dirs)."""
     # The real script, not /usr/sbin's wrapper: that one switches to the rabbitmq

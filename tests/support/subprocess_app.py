@@ -53,8 +53,9 @@ def global_meter_provider(service: str) -> Any:
 
 
 def subprocess_app(name: str, **conf: Any) -> Celery:
-    """A Celery app on BROKER_URL (also its result backend), consuming QUEUE."""
-    app = Celery(name, broker=os.environ["BROKER_URL"], backend=os.environ["BROKER_URL"])
+    """A Celery app on BROKER_URL (also its result backend unless BACKEND_URL), consuming QUEUE."""
+    backend = os.environ.get("BACKEND_URL") or os.environ["BROKER_URL"]
+    app = Celery(name, broker=os.environ["BROKER_URL"], backend=backend)
     app.conf.update(
         task_default_queue=os.environ.get("QUEUE", "celery"),
         broker_connection_retry_on_startup=True,

@@ -38,6 +38,12 @@ def register(app: Celery) -> SimpleNamespace:
             raise self.retry(countdown=0)
         return int(self.request.retries)
 
+    @task(name="t.retry_with_reason", bind=True, max_retries=3)
+    def retry_with_reason(self: Any) -> int:
+        if self.request.retries < 1:
+            raise self.retry(exc=RuntimeError("rate limited"), countdown=0)
+        return int(self.request.retries)
+
     @task(
         name="t.autoretry", bind=True, autoretry_for=(ValueError,), max_retries=1,
         default_retry_delay=0,
@@ -130,7 +136,8 @@ def register(app: Celery) -> SimpleNamespace:
     )(dies_twice)
 
     return SimpleNamespace(
-        add=add, fail=fail, expected=expected, retry_once=retry_once, autoretry=autoretry,
+        add=add, fail=fail, expected=expected, retry_once=retry_once, retry_with_reason=retry_with_reason,
+        autoretry=autoretry,
         replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
         reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
         die_twice=die_twice, die_twice_retry=die_twice_retry,

@@ -1,9 +1,11 @@
 """App module for `celery -A tests.support.worker_app worker` subprocesses.
 
 Environment: BROKER_URL, SPAN_FILE (JSON lines), INSTRUMENT_AT ("import", the way
-auto-instrumentation does it, before the fork; or "process_init", in each child),
+auto-instrumentation does it, before the fork; "worker_init", in the main process; or
+"process_init", in each child),
 OTLP_TRACES_URL (send spans over OTLP/HTTP there instead of to SPAN_FILE), METRIC_FILE
 (metrics as JSON lines, every METRIC_INTERVAL_MS, see tests/support/metric_file.py),
+QUEUE_LENGTH_URL (the broker our queue-length thread asks, see tests/test_health.py),
 RESULT_BACKEND (instead of BROKER_URL), SPAN_DELAY_MS.
 Spans go through a BatchSpanProcessor with a one-minute delay (unless SPAN_DELAY_MS):
 a span reaches the file only if the instrumentation flushes it before a pool child exits.
@@ -33,8 +35,27 @@ if os.environ.get("RESULT_BACKEND"):
     app.conf.result_backend = os.environ["RESULT_BACKEND"]
 tasks = register(app)
 
+if os.environ.get("QUEUE_LENGTH_URL"):
+    # tests/test_health.py: only our queue-length thread is sent to this broker.
+    import threading
+
+    _for_read = app.connection_for_read
+
+    def _queue_length_broker(url: str | None = None, **kwargs: object) -> object:
+        if threading.current_thread().name == "otel-celery-queue-length":
+            url = os.environ["QUEUE_LENGTH_URL"]
+        return _for_read(url, **kwargs)
+
+    app.connection_for_read = _queue_length_broker
+
 if os.environ.get("INSTRUMENT_AT", "import") == "import":
     CeleryHeadersInstrumentor().instrument()
+elif os.environ["INSTRUMENT_AT"] == "worker_init":  # main process, before the pool forks
+
+    @signals.worker_init.connect(weak=False)
+    def _instrument_at_worker_init(**_: object) -> None:
+        CeleryHeadersInstrumentor().instrument()
+
 else:
 
     @signals.worker_process_init.connect(weak=False)

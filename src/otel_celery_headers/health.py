@@ -1,0 +1,235 @@
+"""Worker health, observed in the worker's main process: tasks executing, tasks
+prefetched and waiting, pool size, and (queue_length.py) messages waiting in the broker.
+
+Where the numbers come from: ``celery.worker.state``, the main process's own
+bookkeeping, and the pool object. ``task_reserved`` adds a received request to
+``reserved_requests``; ``task_accepted`` (a pool child started it) adds it to
+``active_requests`` without removing it from the reserved set; ``task_ready`` removes
+it from both. So "reserved and not started" is reserved minus active, as Celery's
+``inspect reserved`` computes it. With ``-c 2`` and the default prefetch multiplier (4)
+that reads 2 active and 8 reserved: a prefetched message is acknowledged when a child
+starts it, which frees its prefetch slot.
+
+Why the callbacks are instant and guarded by pid: the SDK holds a lock while it runs
+observable callbacks and does not reset it after ``fork``, and prefork children inherit
+the provider and these callbacks. A callback only reads numbers in memory, and returns
+nothing in any process other than the one that sent ``worker_init``; the children's
+own state is empty anyway.
+
+Once the worker has stopped (``worker_shutdown``, sent after the pool was joined on a
+warm shutdown; or its blueprint in state TERMINATE, which a cold shutdown and an
+embedded worker reach without that signal) all three read 0, so the last export at
+exit says the worker holds nothing. After a warm shutdown Celery's sets are empty
+already (5.3 and 5.7: ``Consumer.on_close`` drops the prefetched requests, whose
+messages go back to the broker, and ``task_ready`` the finished ones); a cold shutdown
+kills running tasks without ``task_ready``, and the pool's size is gone with the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from celery.bootsteps import TERMINATE
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from . import attributes as attrs
+from ._guard import report
+from .queue_length import SYSTEMS, QueueLengths
+
+logger = logging.getLogger("otel_celery_headers")
+
+TASKS_ACTIVE = "celery.worker.tasks.active"
+TASKS_RESERVED = "celery.worker.tasks.reserved"
+POOL_SIZE = "celery.worker.pool.size"
+QUEUE_LENGTH = "celery.queue.length"
+
+_DEFAULT_INTERVAL_MS = 60_000
+
+
+def export_interval_s() -> float:
+    """The SDK's metric export interval (OTEL_METRIC_EXPORT_INTERVAL, ms; 60 s default)."""
+    try:
+        millis = float(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL") or _DEFAULT_INTERVAL_MS)
+    except ValueError:
+        millis = _DEFAULT_INTERVAL_MS
+    return max(millis if millis > 0 else _DEFAULT_INTERVAL_MS, 100.0) / 1000.0
+
+
+def _task_counts() -> tuple[int, int] | None:
+    """(executing, reserved and not started), or None if not readable right now."""
+    from celery.worker import state
+
+    # The event loop changes these WeakSets while the SDK's thread copies them; a copy
+    # that raced is simply taken again.
+    for _ in range(3):
+        try:
+            active = set(state.active_requests)
+            return len(active), len(set(state.reserved_requests) - active)
+        except RuntimeError:  # "Set changed size during iteration"
+            continue
+    return None
+
+
+def _stopped(controller: Any) -> bool:
+    return bool(getattr(getattr(controller, "blueprint", None), "state", None) == TERMINATE)
+
+
+def _queue_names(controller: Any) -> list[str] | None:
+    """The queues the worker consumes now (add_consumer / cancel_consumer change them);
+    None once the worker has stopped."""
+    if _stopped(controller):
+        return None
+    task_consumer = getattr(getattr(controller, "consumer", None), "task_consumer", None)
+    queues = getattr(task_consumer, "queues", None) or ()
+    return [str(queue.name) for queue in list(queues) if getattr(queue, "name", None)]
+
+
+class Health:
+    def __init__(self, queue_length: bool) -> None:
+        self._queue_length = queue_length
+        self._interval = export_interval_s()
+        self._pid = 0  # the worker's main process, once worker_init was sent there
+        self._controller: Any = None
+        self._shut_down = False
+        self._closed = False
+        self._lengths: QueueLengths | None = None
+
+    # -- signals (main process) ------------------------------------------------------
+
+    def on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        """worker_init: sent by the WorkController, in the main process, before the pool forks."""
+        try:
+            self._stop_lengths()
+            self._pid = os.getpid()
+            self._controller = sender
+            self._shut_down = False
+            app = getattr(sender, "app", None)
+            if self._queue_length and app is not None and attrs.messaging_system(app) in SYSTEMS:
+                self._lengths = QueueLengths(app, lambda: _queue_names(sender), self._interval)
+                self._lengths.start()
+        except Exception as exc:  # noqa: BLE001
+            report("worker_init (health)", exc)
+
+    def on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        """worker_ready (sender: the Consumer), main process: instrument() may have run
+        inside a worker_init receiver, too late to receive that signal itself."""
+        if self._controller is None and getattr(sender, "controller", None) is not None:
+            self.on_worker_init(sender=sender.controller)
+
+    def on_worker_shutdown(self, **_: Any) -> None:
+        self._shut_down = True
+        self._stop_lengths()
+
+    def close(self) -> None:
+        """uninstrument(): instruments stay in the SDK, so they go quiet instead."""
+        self._closed = True
+        self._stop_lengths()
+
+    def _stop_lengths(self) -> None:
+        lengths, self._lengths = self._lengths, None
+        if lengths is not None:
+            lengths.stop()
+
+    # -- what the callbacks read -----------------------------------------------------
+
+    def _here(self) -> bool:
+        return not self._closed and self._pid == os.getpid() and self._controller is not None
+
+    def _gone(self) -> bool:
+        return self._shut_down or _stopped(self._controller)
+
+    def active(self) -> list[Observation]:
+        if not self._here():
+            return []
+        counts = (0, 0) if self._gone() else _task_counts()
+        return [] if counts is None else [Observation(counts[0])]
+
+    def reserved(self) -> list[Observation]:
+        if not self._here():
+            return []
+        counts = (0, 0) if self._gone() else _task_counts()
+        return [] if counts is None else [Observation(counts[1])]
+
+    def pool_size(self) -> list[Observation]:
+        if not self._here():
+            return []
+        if self._gone():
+            return [Observation(0)]
+        try:
+            # prefork: its process count (--autoscale grows and shrinks it);
+            # threads, gevent, eventlet, solo: the concurrency limit.
+            return [Observation(int(self._controller.pool.num_processes))]
+        except Exception:  # noqa: BLE001 - no pool yet (or already gone): nothing to say
+            return []
+
+    def queue_length(self) -> list[Observation]:
+        lengths = self._lengths
+        if not self._here() or lengths is None or self._gone():
+            return []
+        system = attrs.messaging_system(self._controller.app)
+        return [
+            Observation(
+                count,
+                {attrs.MESSAGING_SYSTEM: system, attrs.MESSAGING_DESTINATION_NAME: queue},
+            )
+            for queue, count in lengths.lengths.items()
+        ]
+
+
+# The instrumented Health. The SDK cannot remove an instrument, and creating one again
+# with the same name returns the first one with its first callbacks; so the callbacks
+# read whichever Health is current, and a later instrument() is obeyed.
+_current: Health | None = None
+
+
+def activate(health: Health | None) -> None:
+    global _current
+    if _current is not None and _current is not health:
+        _current.close()
+    _current = health
+
+
+def _callback(read: Callable[[Health], list[Observation]]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        health = _current
+        if health is None:
+            return []
+        try:
+            return read(health)
+        except Exception as exc:  # noqa: BLE001 - never fail the SDK's collection
+            report("worker health metrics", exc)
+            return []
+
+    return callback
+
+
+def create_instruments(meter: Meter) -> None:
+    """Observable instruments; UpDownCounters where a sum across workers means something."""
+    meter.create_observable_up_down_counter(
+        TASKS_ACTIVE,
+        callbacks=[_callback(Health.active)],
+        unit="{task}",
+        description="Tasks a worker is executing now.",
+    )
+    meter.create_observable_up_down_counter(
+        TASKS_RESERVED,
+        callbacks=[_callback(Health.reserved)],
+        unit="{task}",
+        description="Tasks a worker received (prefetched) and has not started yet.",
+    )
+    meter.create_observable_up_down_counter(
+        POOL_SIZE,
+        callbacks=[_callback(Health.pool_size)],
+        unit="{process}",
+        description="Pool processes (prefork) or threads / greenlets of a worker.",
+    )
+    # A gauge: every worker consuming a queue reports the same queue, a sum would overcount.
+    meter.create_observable_gauge(
+        QUEUE_LENGTH,
+        callbacks=[_callback(Health.queue_length)],
+        unit="{message}",
+        description="Messages waiting in the broker in a queue the worker consumes.",
+    )

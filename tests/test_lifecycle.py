@@ -1,0 +1,78 @@
+"""Flusher in a pool child: flush after tasks and at exit with flush_timeout_ms; 0 means never."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from otel_celery_headers import lifecycle
+from otel_celery_headers.lifecycle import Flusher
+
+
+class RecordingProvider:
+    """A provider whose force_flush records the timeout it was given."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[int] = []
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self.timeouts.append(timeout_millis)
+        return True
+
+
+def flush_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "otel-celery-flush"]
+
+
+@pytest.fixture
+def pool_child(monkeypatch):
+    """This process taken for a prefork pool child (the Flusher only acts there)."""
+    monkeypatch.setattr(lifecycle, "in_pool_child", lambda: True)
+    assert flush_threads() == []
+
+
+def poll(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_flush_after_task_and_at_exit_use_the_timeout(pool_child):
+    """flush_timeout_ms=1234: the after-task flush and the exit flush both get 1234 ms."""
+    spans, metrics = RecordingProvider(), RecordingProvider()
+    flusher = Flusher(spans, metrics, 1234, 200)
+    flusher.task_done()
+    (thread,) = flush_threads()
+    poll(lambda: spans.timeouts == [1234])
+    flusher.on_process_shutdown()
+    assert spans.timeouts == [1234, 1234] and metrics.timeouts == [1234]
+    flusher.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_zero_timeout_never_flushes(pool_child):
+    """flush_timeout_ms=0: no flush after tasks (no thread at all; it once waited up to 5 s there)
+    and none at exit."""
+    spans, metrics = RecordingProvider(), RecordingProvider()
+    flusher = Flusher(spans, metrics, 0, 200)
+    for _ in range(3):
+        flusher.task_done()
+    assert flush_threads() == []
+    flusher.on_process_shutdown()
+    assert spans.timeouts == [] and metrics.timeouts == []
+    flusher.stop()
+
+
+def test_zero_interval_flushes_only_at_exit(pool_child):
+    """child_flush_interval_ms=0: no thread after tasks, the exit flush still runs."""
+    spans, metrics = RecordingProvider(), RecordingProvider()
+    flusher = Flusher(spans, metrics, 1234, 0)
+    flusher.task_done()
+    assert flush_threads() == []
+    flusher.on_process_shutdown()
+    assert spans.timeouts == [1234] and metrics.timeouts == [1234]
+    flusher.stop()

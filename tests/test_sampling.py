@@ -1,0 +1,196 @@
+"""Sampling: what a sampler sees at span start, an unsampled message, and recorded spans kept whole.
+
+Issue 12: a span that will not record must cost little more than propagation, so only
+the attributes a sampling rule keys on are given at span start and the rest is set
+when the span records. These tests pin what that must not change.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from opentelemetry import baggage, context
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
+
+from tests.conftest import instrument, make_app, wait_for, worker
+from tests.support.spans import one
+
+TIMEOUT = 20
+START_ATTRIBUTES = {
+    "messaging.system",
+    "messaging.operation.type",
+    "messaging.destination.name",
+    "celery.task.name",
+}
+
+
+class RecordingSampler(Sampler):
+    """Samples everything; keeps (span name, attributes) of every decision it was asked for."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        with self._lock:
+            self.seen.append((name, dict(attributes or {})))
+        return ALWAYS_ON.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return "RecordingSampler"
+
+    def asked_for(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [attributes for seen_name, attributes in self.seen if seen_name == name]
+
+
+def _provider(sampler: Sampler) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str) -> Iterator[SimpleNamespace]:
+    """A solo worker on Redis; each test instruments with its own TracerProvider."""
+    app, tasks = make_app(redis_url)
+    with worker(app, pool="solo") as controller:
+        yield SimpleNamespace(app=app, t=tasks, hostname=controller.hostname)
+
+
+def _instrumented(env: SimpleNamespace, sampler: Sampler) -> Any:
+    provider, exporter = _provider(sampler)
+    instrumentor = instrument(tracer_provider=provider)
+    return instrumentor, provider, exporter
+
+
+def test_a_sampler_sees_exactly_the_start_attributes_of_both_spans(env):
+    """The publish and the process span are started with system, operation type, queue and task name."""
+    sampler = RecordingSampler()
+    instrumentor, provider, exporter = _instrumented(env, sampler)
+    try:
+        with provider.get_tracer("tests").start_as_current_span("request"):
+            result = env.t.add.delay(1, 2)
+        assert result.get(timeout=TIMEOUT) == 3
+        # The process span ends after the result is stored: wait for it.
+        wait_for(lambda _: one(exporter.get_finished_spans(), result.id, SpanKind.CONSUMER))
+    finally:
+        instrumentor.uninstrument()
+    expected = {
+        "messaging.system": "redis",
+        "messaging.destination.name": "celery",
+        "celery.task.name": "t.add",
+    }
+    assert sampler.asked_for("send t.add") == [{**expected, "messaging.operation.type": "send"}]
+    assert sampler.asked_for("process t.add") == [
+        {**expected, "messaging.operation.type": "process"}
+    ]
+    assert set(sampler.asked_for("send t.add")[0]) == START_ATTRIBUTES
+
+
+def test_an_unsampled_message_still_carries_the_context_and_baggage_into_the_task(env):
+    """ParentBased(ALWAYS_OFF): no span is recorded, the task runs and sees the caller's trace."""
+    instrumentor, provider, exporter = _instrumented(env, ParentBased(ALWAYS_OFF))
+    try:
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            with provider.get_tracer("tests").start_as_current_span("request") as root:
+                result = env.t.whoami.delay()
+                header = env.t.header.delay("traceparent")
+        finally:
+            context.detach(token)
+        seen = result.get(timeout=TIMEOUT)
+        traceparent = header.get(timeout=TIMEOUT)
+    finally:
+        instrumentor.uninstrument()
+    caller = root.get_span_context()
+    assert not root.is_recording() and caller.is_valid
+    assert seen["trace_id"] == format(caller.trace_id, "032x")
+    # The task body runs under the worker's (non-recording) span, not the caller's.
+    assert seen["span_id"] not in ("0" * 16, format(caller.span_id, "016x"))
+    assert seen["baggage"] == {"tenant": "acme"}
+    version, trace_hex, _span_hex, flags = traceparent.split("-")
+    assert (version, trace_hex) == ("00", format(caller.trace_id, "032x"))
+    assert int(flags, 16) & 0x01 == 0  # not sampled
+    assert exporter.get_finished_spans() == ()
+
+
+def _attributes_of(exporter: InMemorySpanExporter, task_id: str) -> tuple[dict, dict]:
+    def both(_: object) -> tuple[Any, Any] | None:
+        spans = exporter.get_finished_spans()
+        producer = one(spans, task_id, SpanKind.PRODUCER)
+        consumer = one(spans, task_id, SpanKind.CONSUMER)
+        return (producer, consumer) if producer and consumer else None
+
+    producer, consumer = wait_for(both)
+    return dict(producer.attributes), dict(consumer.attributes)
+
+
+def test_a_recorded_span_keeps_every_attribute(env):
+    """Sampled, the spans of a task and of the child it publishes carry the full attribute set."""
+    instrumentor, provider, exporter = _instrumented(env, ALWAYS_ON)
+    try:
+        with provider.get_tracer("tests").start_as_current_span("request"):
+            parent = env.t.publish_child.delay()
+        child_id = parent.get(timeout=TIMEOUT)
+        parent_send, parent_process = _attributes_of(exporter, parent.id)
+        child_send, child_process = _attributes_of(exporter, child_id)
+    finally:
+        instrumentor.uninstrument()
+
+    def common(task_id: str, name: str, root_id: str) -> dict[str, Any]:
+        return {
+            "messaging.system": "redis",
+            "messaging.destination.name": "celery",
+            "messaging.message.id": task_id,
+            "messaging.message.conversation_id": root_id,
+            "celery.task.name": name,
+            "celery.task.retries": 0,
+        }
+
+    send = {"messaging.operation.type": "send", "messaging.operation.name": "send"}
+    process = {"messaging.operation.type": "process", "messaging.operation.name": "process",
+               "celery.task.state": "SUCCESS"}
+    assert parent_send == {**common(parent.id, "t.publish_child", parent.id), **send}
+    assert child_send == {
+        **common(child_id, "t.add", parent.id), **send, "celery.task.parent_id": parent.id,
+    }
+    for attributes in (parent_process, child_process):
+        hostname = attributes.pop("celery.worker.hostname")
+        queue_time = attributes.pop("celery.message.queue_time")
+        # The request's hostname: the node name, or its host part (what start_worker gives).
+        assert hostname in (env.hostname, env.hostname.partition("@")[2])
+        assert isinstance(queue_time, float) and 0 <= queue_time < TIMEOUT
+    assert parent_process == {**common(parent.id, "t.publish_child", parent.id), **process}
+    assert child_process == {
+        **common(child_id, "t.add", parent.id), **process, "celery.task.parent_id": parent.id,
+    }
