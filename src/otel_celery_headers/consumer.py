@@ -130,9 +130,8 @@ class Consumer:
             return _Execution(task_id, None, activation, time.perf_counter(), metric_attributes)
 
         waited = None if eager else queue_time(request)
-        if waited is not None:
-            if self._counts(eager):
-                self._instruments.queue_time.record(waited, metric_attributes)
+        if waited is not None and self._counts(eager):
+            self._instruments.queue_time.record(waited, metric_attributes)
 
         # The sampler sees the start attributes (attrs.start_attributes); the rest is
         # built only for a span that records: at 1% sampling, 99 tasks in 100 would
