@@ -270,10 +270,10 @@ def test_exemplars_open_the_tasks_trace(redis_worker, tracer, producer_side):
 
 
 def streams(w: Any) -> tuple[set[tuple[str, str]], dict[Any, set[int]], set[str]]:
-    """Our streams (name, attributes without the per-worker queue), their writers, resources."""
+    """Our delivery streams (name, attributes without the per-worker queue), their writers, resources."""
     import json
 
-    rows = [r for r in w.metric_points() if r["scope"] == SCOPE]
+    rows = [r for r in w.metric_points() if r["scope"] == SCOPE and r["name"] in (CONSUMED, DURATION, QUEUE_TIME)]
     keys = set()
     for row in rows:
         attributes = {k: v for k, v in row["attributes"].items() if k != "messaging.destination.name"}

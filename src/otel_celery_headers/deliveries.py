@@ -37,6 +37,7 @@ here outlives the Request.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,7 +47,6 @@ from typing import Any
 
 from celery.exceptions import (
     Ignore,
-    InvalidTaskError,
     NotRegistered,
     Reject,
     Retry,
@@ -109,6 +109,14 @@ def _delivery(request: Any) -> _Delivery:
         found = _Delivery()
         setattr(request, _ATTR, found)
     return found
+
+
+def _signal_name(signum: Any) -> str:
+    """``SIGTERM`` for 15 (Celery passes the number; Python 3.11 prints an IntEnum as one)."""
+    try:
+        return signal.Signals(int(signum)).name
+    except (TypeError, ValueError):
+        return str(signum)
 
 
 def _lost(exc: BaseException) -> BaseException:
@@ -255,7 +263,7 @@ class Deliveries:
                     attrs.CELERY_REVOKED_REASON: str(reason),
                 }
                 if terminated and signum is not None:
-                    extra["celery.task.revoked.signal"] = str(signum)
+                    extra["celery.task.revoked.signal"] = _signal_name(signum)
                 self._finish(instance, Outcome("REVOKED", span=True, extra=extra))
             except Exception as exc:  # noqa: BLE001
                 report("Request revoked", exc)
@@ -285,7 +293,8 @@ class Deliveries:
         self._message_outcome(sender, message, "UNKNOWN", NotRegistered(name), name, id)
 
     def on_task_rejected(self, sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
-        failure = exc if isinstance(exc, BaseException) else InvalidTaskError("unknown message")
+        # Celery gives no exception for a message with no task name (on_unknown_message).
+        failure = exc if isinstance(exc, BaseException) else ValueError("invalid task message")
         self._message_outcome(sender, message, "REJECTED", failure)
 
     # -- outcomes ---------------------------------------------------------------------
