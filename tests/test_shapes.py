@@ -128,14 +128,25 @@ def test_metrics_are_recorded_with_bounded_attributes(env, exporter, tracer, ins
     assert [r.get(timeout=20) for r in results] == [0, 2, 4]
     with pytest.raises(ValueError):
         failed.get(timeout=20)
-    # A task's process metrics are recorded just after its span ends: the solo worker
-    # runs in order, so once the span of a later task has ended, all of the above are in.
+    # The worker counts a delivery just after its span ends (Request.on_success, see
+    # deliveries.py): the solo worker runs in order, so once the fence is counted, all
+    # of the above are in.
     fence = env.t.add.delay(0, 0)
     assert fence.get(timeout=20) == 0
-    wait_for(lambda spans: one(spans, fence.id, C))
-    data = reader.get_metrics_data()
-    metrics = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
-               if sm.scope.name == "otel_celery_headers" for m in sm.metrics}
+
+    def ours() -> dict:
+        data = reader.get_metrics_data()
+        return {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
+                if sm.scope.name == "otel_celery_headers" for m in sm.metrics}
+
+    def fenced(_: object) -> dict | None:
+        found = ours()
+        consumed = found.get("messaging.client.consumed.messages")
+        adds = sum(p.value for p in consumed.data.data_points
+                   if p.attributes["celery.task.name"] == "t.add") if consumed else 0
+        return found if adds == 4 else None
+
+    metrics = wait_for(fenced)
     assert set(metrics) == {
         "messaging.client.sent.messages", "messaging.client.operation.duration",
         "messaging.client.consumed.messages", "messaging.process.duration", "celery.message.queue_time",

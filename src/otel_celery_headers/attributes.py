@@ -47,6 +47,7 @@ CELERY_RETRY_REASON: Final = "celery.retry.reason"
 CELERY_TRACE_SHAPE: Final = "celery.trace_shape"
 CELERY_REVOKED: Final = "celery.task.revoked"
 CELERY_REVOKED_REASON: Final = "celery.task.revoked.reason"
+CELERY_DELIVERY_REQUEUED: Final = "celery.delivery.requeued"
 CELERY_BEAT_ENTRY: Final = "celery.beat.entry"
 
 # Task facts a message carries (protocol 2 headers, protocol 1 body, ``task.request``),

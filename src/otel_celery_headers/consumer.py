@@ -11,6 +11,7 @@ cannot outlive the execution and nothing grows with the number of tasks run.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -76,6 +77,14 @@ class Consumer:
         self._options = options
         self._instruments = instruments
         self._after_task = after_task
+        # Worker deliveries are counted by the worker's main process (deliveries.py),
+        # unless instrument() ran in this pool child itself (worker_process_init): then
+        # the main process is not instrumented, and the child counts what it runs.
+        self._home_pid = os.getpid()
+
+    def _counts(self, eager: bool) -> bool:
+        """Whether this process records the delivery metrics of this execution."""
+        return eager or (os.getpid() == self._home_pid and in_pool_child())
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task_id is None or task is None:
@@ -121,7 +130,7 @@ class Consumer:
             return _Execution(task_id, None, activation, time.perf_counter(), metric_attributes)
 
         waited = None if eager else queue_time(request)
-        if waited is not None:
+        if waited is not None and self._counts(eager):
             self._instruments.queue_time.record(waited, metric_attributes)
 
         # The sampler sees the start attributes (attrs.start_attributes); the rest is
@@ -233,8 +242,10 @@ class Consumer:
                 if reason is not None:
                     span.set_attribute(attrs.CELERY_RETRY_REASON, str(reason))
             span.end()
+        if not self._counts(bool(getattr(getattr(task, "request", None), "is_eager", False))):
+            return
         metric_attributes[attrs.CELERY_TASK_STATE] = state or "UNKNOWN"
-        if exc is not None and not expected:
+        if exc is not None:  # Task.throws too: the task failed, as its span says
             metric_attributes[attrs.ERROR_TYPE] = error_type(exc)
         self._instruments.processed(time.perf_counter() - execution.started, metric_attributes)
 

@@ -11,17 +11,19 @@ from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
+from celery.worker import strategy
 from celery.worker.request import Request
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from . import forkmetrics
 from . import health as health_module
 from . import options as options_module
 from .consumer import Consumer
+from .deliveries import Deliveries
 from .lifecycle import Flusher
-from .mainprocess import MainProcess
 from .metrics import Instruments
 from .package import _instruments
 from .producer import Producer
@@ -31,13 +33,22 @@ logger = logging.getLogger("otel_celery_headers")
 
 _SCHEMA_URL = "https://opentelemetry.io/schemas/1.28.0"
 _UID = "otel_celery_headers."
+# Request method -> the Deliveries wrapper that counts what it tells (deliveries.py).
+_REQUEST_HOOKS = {
+    "on_accepted": "wrap_accepted",
+    "on_success": "wrap_success",
+    "on_failure": "wrap_failure",
+    "on_timeout": "wrap_timeout",
+    "reject": "wrap_reject",
+    "_announce_revoked": "wrap_announce_revoked",
+}
 _SIGNALS = (
     signals.before_task_publish,
     signals.task_prerun,
     signals.task_postrun,
     signals.worker_process_shutdown,
     signals.task_failure,
-    signals.task_revoked,
+    signals.task_retry,
     signals.task_unknown,
     signals.task_rejected,
     signals.worker_init,
@@ -96,8 +107,11 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )
         producer = Producer(tracer, options, instruments)
         consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done)
-        main = MainProcess(tracer, options)
+        deliveries = Deliveries(tracer, options, instruments)
         self._flusher: Flusher | None = flusher
+        self._deliveries: Deliveries | None = deliveries
+        deliveries.start(Request)
+        forkmetrics.forget_in_children(instruments.all())
         health = health_module.Health(options.queue_length)
         health_module.create_instruments(meter)
         health_module.activate(health)
@@ -105,18 +119,20 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
         wrap_function_wrapper(Celery, "send_task", producer.wrap_send_task)
         wrap_function_wrapper(Scheduler, "apply_async", producer.wrap_beat_apply_async)
-        # Main-process outcomes of tasks that never reach task_postrun (mainprocess.py).
-        wrap_function_wrapper(Request, "on_failure", main.wrap_request_handler)
-        wrap_function_wrapper(Request, "on_timeout", main.wrap_request_handler)
+        # Every worker delivery, counted where its Request lives (deliveries.py).
+        wrap_function_wrapper(strategy, "create_request_cls", deliveries.wrap_request_cls)
+        for method, hook in _REQUEST_HOOKS.items():
+            if hasattr(Request, method):  # _announce_revoked is private: Celery 5.3 to 5.7
+                wrap_function_wrapper(Request, method, getattr(deliveries, hook))
         receivers: list[tuple[Any, Callable[..., None]]] = [
             (signals.before_task_publish, producer.on_before_publish),
             (signals.task_prerun, consumer.on_prerun),
             (signals.task_postrun, consumer.on_postrun),
             (signals.worker_process_shutdown, flusher.on_process_shutdown),
-            (signals.task_failure, main.on_task_failure),
-            (signals.task_revoked, main.on_task_revoked),
-            (signals.task_unknown, main.on_task_unknown),
-            (signals.task_rejected, main.on_task_rejected),
+            (signals.task_failure, deliveries.on_task_failure),
+            (signals.task_retry, deliveries.on_task_retry),
+            (signals.task_unknown, deliveries.on_task_unknown),
+            (signals.task_rejected, deliveries.on_task_rejected),
             # Worker and queue health, main process only (health.py).
             (signals.worker_init, health.on_worker_init),
             (signals.worker_ready, health.on_worker_ready),
@@ -131,8 +147,15 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         unwrap(Task, "apply_async")
         unwrap(Celery, "send_task")
         unwrap(Scheduler, "apply_async")
-        unwrap(Request, "on_failure")
-        unwrap(Request, "on_timeout")
+        unwrap(strategy, "create_request_cls")
+        for method in _REQUEST_HOOKS:
+            if hasattr(Request, method):
+                unwrap(Request, method)
+        deliveries = getattr(self, "_deliveries", None)
+        if deliveries is not None:
+            deliveries.stop()
+            self._deliveries = None
+        forkmetrics.stop()
         for signal in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
         health_module.activate(None)  # its instruments stay in the SDK, and go quiet

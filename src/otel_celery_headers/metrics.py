@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import Counter, Histogram, Meter
 from opentelemetry.semconv._incubating.metrics.messaging_metrics import (
     MESSAGING_CLIENT_CONSUMED_MESSAGES,
@@ -60,12 +61,12 @@ class Instruments:
             consumed=meter.create_counter(
                 MESSAGING_CLIENT_CONSUMED_MESSAGES,
                 unit="{message}",
-                description="Task messages a worker executed.",
+                description="Task messages a worker took: one per delivery, whatever ended it.",
             ),
             process_duration=_histogram(
                 meter,
                 MESSAGING_PROCESS_DURATION,
-                "Duration of executing a task.",
+                "Duration of a delivery from its start in the pool to its outcome.",
                 _DURATION_BUCKETS,
             ),
             queue_time=_histogram(
@@ -80,6 +81,25 @@ class Instruments:
         self.sent.add(1, attributes)
         self.publish_duration.record(seconds, attributes)
 
-    def processed(self, seconds: float, attributes: Mapping[str, Any]) -> None:
+    def processed(
+        self,
+        seconds: float | None,
+        attributes: Mapping[str, Any],
+        context: Context | None = None,
+    ) -> None:
+        """One delivery; ``seconds`` None for one that never started (no duration:
+        a zero would drag the percentiles of the deliveries that ran)."""
         self.consumed.add(1, attributes)
-        self.process_duration.record(seconds, attributes)
+        if seconds is not None:
+            # context: the task's trace, for the exemplar (the SDK's trace-based filter).
+            self.process_duration.record(seconds, attributes, context=context)
+
+    def waited(
+        self, seconds: float, attributes: Mapping[str, Any], context: Context | None = None
+    ) -> None:
+        self.queue_time.record(seconds, attributes, context=context)
+
+    def all(self) -> tuple[Counter | Histogram, ...]:
+        return (
+            self.sent, self.publish_duration, self.consumed, self.process_duration, self.queue_time
+        )

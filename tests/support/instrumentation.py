@@ -7,17 +7,20 @@ from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
+from celery.worker import strategy
 from celery.worker.request import Request
 from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
 SIGNALS = (
     signals.before_task_publish, signals.task_prerun, signals.task_postrun,
-    signals.worker_process_shutdown, signals.task_failure, signals.task_revoked,
+    signals.worker_process_shutdown, signals.task_failure, signals.task_retry,
     signals.task_unknown, signals.task_rejected,
 )
 WRAPPED = (
     (Task, "apply_async"), (Celery, "send_task"), (Scheduler, "apply_async"),
-    (Request, "on_failure"), (Request, "on_timeout"),
+    (Request, "on_accepted"), (Request, "on_success"), (Request, "on_failure"),
+    (Request, "on_timeout"), (Request, "reject"), (Request, "_announce_revoked"),
+    (strategy, "create_request_cls"),
     # While we are instrumented, the official instrumentor's _instrument is a no-op.
     (CeleryInstrumentor, "_instrument"),
 )

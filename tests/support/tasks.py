@@ -115,9 +115,30 @@ def register(app: Celery) -> SimpleNamespace:
     def collect(values: list[int]) -> int:
         return sum(values)
 
+    def dies_twice(self: Any) -> int:
+        """The pool child vanishes on the first two deliveries of this task id; the
+        third succeeds. The count is a Redis INCR in the result backend."""
+        import os
+
+        key = f"test-die-twice:{self.request.id}"
+        client = self.backend.client
+        delivery = int(client.incr(key))
+        client.expire(key, 600)
+        if delivery <= 2:
+            os._exit(1)
+        return delivery
+
+    # acks_late + reject_on_worker_lost: Celery requeues the lost message.
+    die_twice = task(name="t.die_twice", bind=True, acks_late=True, reject_on_worker_lost=True)(dies_twice)
+    # Celery 5.7 retry_on_worker_lost: the main process publishes a retry (5.3 ignores it).
+    die_twice_retry = task(
+        name="t.die_twice_retry", bind=True, retry_on_worker_lost=True, default_retry_delay=0,
+    )(dies_twice)
+
     return SimpleNamespace(
         add=add, fail=fail, expected=expected, retry_once=retry_once, retry_with_reason=retry_with_reason,
         autoretry=autoretry,
         replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
         reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
+        die_twice=die_twice, die_twice_retry=die_twice_retry,
     )

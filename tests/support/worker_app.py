@@ -5,9 +5,10 @@ auto-instrumentation does it, before the fork; "worker_init", in the main proces
 "process_init", in each child),
 OTLP_TRACES_URL (send spans over OTLP/HTTP there instead of to SPAN_FILE), METRIC_FILE
 (metrics as JSON lines, every METRIC_INTERVAL_MS, see tests/support/metric_file.py),
-QUEUE_LENGTH_URL (the broker our queue-length thread asks, see tests/test_health.py).
-Spans go through a BatchSpanProcessor with a one-minute delay: a span reaches the
-file only if the instrumentation flushes it before a pool child exits.
+QUEUE_LENGTH_URL (the broker our queue-length thread asks, see tests/test_health.py),
+RESULT_BACKEND (instead of BROKER_URL), SPAN_DELAY_MS.
+Spans go through a BatchSpanProcessor with a one-minute delay (unless SPAN_DELAY_MS):
+a span reaches the file only if the instrumentation flushes it before a pool child exits.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ if os.environ.get("OTLP_TRACES_URL"):
 
     global_provider("worker", 5_000, OTLPSpanExporter(endpoint=os.environ["OTLP_TRACES_URL"]))
 else:
-    global_provider("worker", schedule_delay_millis=60_000)
+    global_provider("worker", schedule_delay_millis=int(os.environ.get("SPAN_DELAY_MS", "60000")))
 
 global_meter_provider("worker")
 app = subprocess_app("worker_app", task_protocol=int(os.environ.get("TASK_PROTOCOL", "2")))
+if os.environ.get("RESULT_BACKEND"):
+    app.conf.result_backend = os.environ["RESULT_BACKEND"]
 tasks = register(app)
 
 if os.environ.get("QUEUE_LENGTH_URL"):

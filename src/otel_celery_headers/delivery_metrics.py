@@ -1,0 +1,85 @@
+"""The three delivery metrics, as deliveries.py records them in the worker's main process.
+
+Attributes are bounded (messaging system, queue, operation, task name, state, error
+type). The histograms carry exemplars (the SDK's trace-based filter, its default since
+before 1.28) that open the task's trace: ``record()`` gets a context holding a span of
+that trace, since the main process has no current span of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Span
+
+from . import attributes as attrs
+from ._outcome import error_type
+from .metrics import Instruments
+from .options import Options
+
+# A context whose span is invalid: the trace-based exemplar filter samples nothing.
+_NO_EXEMPLAR = trace.set_span_in_context(INVALID_SPAN)
+
+
+class DeliveryMetrics:
+    def __init__(self, instruments: Instruments, options: Options) -> None:
+        self._instruments = instruments
+        self._options = options
+
+    def accepted(
+        self, name: str, system: str, destination: str, waited: float, inbound: Context
+    ) -> None:
+        """Time in queue of a delivery a pool process started."""
+        context = inbound if self._options.for_task(name)[1] == "child" else _NO_EXEMPLAR
+        self._instruments.waited(waited, attributes(system, destination, name), context)
+
+    def finished(
+        self,
+        name: str,
+        system: str,
+        destination: str,
+        state: str,
+        error: BaseException | None,
+        seconds: float | None,
+        span: Span | None,
+        inbound: Context,
+    ) -> None:
+        """One delivery; ``seconds`` None for one that never started."""
+        metric_attributes = attributes(system, destination, name)
+        metric_attributes[attrs.CELERY_TASK_STATE] = state
+        if error is not None:
+            metric_attributes[attrs.ERROR_TYPE] = error_type_of(error)
+        if seconds is None:
+            self._instruments.processed(None, metric_attributes)
+            return
+        # The span emitted by the main process, else the producer's (the child's span
+        # is its child), unless the task's trace is a new one (trace shape link or
+        # ignore): the main process cannot name that trace.
+        if span is not None:
+            context = trace.set_span_in_context(span)
+        elif self._options.for_task(name)[1] == "child":
+            context = inbound
+        else:
+            context = _NO_EXEMPLAR
+        self._instruments.processed(seconds, metric_attributes, context)
+
+
+def attributes(system: str, destination: str, name: str) -> dict[str, Any]:
+    return {
+        attrs.MESSAGING_SYSTEM: system,
+        attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
+        attrs.MESSAGING_DESTINATION_NAME: destination,
+        attrs.CELERY_TASK_NAME: name,
+    }
+
+
+def error_type_of(exc: BaseException) -> str:
+    """``error.type``; for an exception Celery could not pickle across the pool pipe
+    (``UnpickleableExceptionWrapper``), the original class it names."""
+    module = getattr(exc, "exc_module", None)
+    cls_name = getattr(exc, "exc_cls_name", None)
+    if isinstance(module, str) and isinstance(cls_name, str):
+        return cls_name if module == "builtins" else f"{module}.{cls_name}"
+    return error_type(exc)
