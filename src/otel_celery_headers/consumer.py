@@ -50,7 +50,7 @@ class _Execution:
     span: Span | None  # None for an excluded task: context passes through, no span
     activation: Token[Context]
     started: float
-    metric_attributes: dict[str, Any]
+    metric_attributes: dict[str, Any] | None  # None: this process does not count it
     marker: Token[_Execution | None] | None = None
     # Set when an eager task runs inside apply_async(): see _state.current_publish.
     publish_marker: Token[Any] | None = None
@@ -118,20 +118,29 @@ class Consumer:
 
         system = attrs.messaging_system(task.app)
         destination = destination_of(getattr(request, "delivery_info", None))
-        metric_attributes = {
-            attrs.MESSAGING_SYSTEM: system,
-            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
-            attrs.MESSAGING_DESTINATION_NAME: destination,
-            attrs.CELERY_TASK_NAME: name,
-        }
+        # Worker deliveries are counted by the process holding their Request
+        # (deliveries.py): no metric attributes are built here for nobody.
+        metric_attributes: dict[str, Any] | None = None
+        if self._counts(eager):
+            metric_attributes = {
+                attrs.MESSAGING_SYSTEM: system,
+                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
+                attrs.MESSAGING_DESTINATION_NAME: destination,
+                attrs.CELERY_TASK_NAME: name,
+            }
 
         if excluded:
             activation = otel_context.attach(base)
             return _Execution(task_id, None, activation, time.perf_counter(), metric_attributes)
 
-        waited = None if eager else queue_time(request)
-        if waited is not None and self._counts(eager):
-            self._instruments.queue_time.record(waited, metric_attributes)
+        # Time in queue: parsed only if a metric or a recording span uses it.
+        waited = None
+        if not eager and metric_attributes is not None:
+            waited = queue_time(request)
+            if waited is not None:
+                # A copy: _finish adds the outcome to metric_attributes later, and SDK
+                # 1.28 keeps a reference to the dict it was given.
+                self._instruments.queue_time.record(waited, dict(metric_attributes))
 
         # The sampler sees the start attributes (attrs.start_attributes); the rest is
         # built only for a span that records: at 1% sampling, 99 tasks in 100 would
@@ -155,6 +164,8 @@ class Consumer:
                 span_attributes[attrs.CELERY_TASK_EAGER] = True
             if shape != "child":
                 span_attributes[attrs.CELERY_TRACE_SHAPE] = shape
+            if not eager and metric_attributes is None:
+                waited = queue_time(request)
             if waited is not None:
                 span_attributes[attrs.CELERY_QUEUE_TIME] = waited
             span.set_attributes(span_attributes)
@@ -242,7 +253,7 @@ class Consumer:
                 if reason is not None:
                     span.set_attribute(attrs.CELERY_RETRY_REASON, str(reason))
             span.end()
-        if not self._counts(bool(getattr(getattr(task, "request", None), "is_eager", False))):
+        if metric_attributes is None:
             return
         metric_attributes[attrs.CELERY_TASK_STATE] = state or "UNKNOWN"
         if exc is not None:  # Task.throws too: the task failed, as its span says
