@@ -42,11 +42,13 @@ START_ATTRIBUTES = {
 
 
 class RecordingSampler(Sampler):
-    """Samples everything; keeps (span name, attributes) of every decision it was asked for."""
+    """Samples the spans ``keep`` accepts (all by default), whatever their parent says;
+    keeps (span name, attributes) of every decision it was asked for."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Any = None) -> None:
         self.seen: list[tuple[str, dict[str, Any]]] = []
         self._lock = threading.Lock()
+        self._keep = keep or (lambda name: True)
 
     def should_sample(
         self,
@@ -60,6 +62,10 @@ class RecordingSampler(Sampler):
     ) -> SamplingResult:
         with self._lock:
             self.seen.append((name, dict(attributes or {})))
+        if not self._keep(name):
+            return ALWAYS_OFF.should_sample(
+                parent_context, trace_id, name, kind, attributes, links, trace_state
+            )
         return ALWAYS_ON.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
@@ -93,8 +99,39 @@ def _instrumented(env: SimpleNamespace, sampler: Sampler) -> Any:
     return instrumentor, provider, exporter
 
 
-def test_a_sampler_sees_exactly_the_start_attributes_of_both_spans(env):
-    """The publish and the process span are started with system, operation type, queue and task name."""
+EXPECTED_START = {
+    "messaging.system": "redis",
+    "messaging.destination.name": "celery",
+    "celery.task.name": "t.add",
+}
+
+
+def test_outside_a_sampled_trace_a_sampler_sees_exactly_the_start_attributes(env):
+    """No sampled parent: both spans start with system, operation type, queue and task
+    name only; a span the sampler keeps anyway gets every other attribute after."""
+    # Drops the publish, keeps the process span: its parent is then unsampled.
+    sampler = RecordingSampler(keep=lambda name: name.startswith("process "))
+    instrumentor, provider, exporter = _instrumented(env, sampler)
+    try:
+        result = env.t.add.delay(1, 2)  # no span current: a root publish
+        assert result.get(timeout=TIMEOUT) == 3
+        process = wait_for(lambda _: one(exporter.get_finished_spans(), result.id, SpanKind.CONSUMER))
+    finally:
+        instrumentor.uninstrument()
+    assert sampler.asked_for("send t.add") == [{**EXPECTED_START, "messaging.operation.type": "send"}]
+    assert sampler.asked_for("process t.add") == [
+        {**EXPECTED_START, "messaging.operation.type": "process"}
+    ]
+    assert set(sampler.asked_for("send t.add")[0]) == START_ATTRIBUTES
+    assert one(exporter.get_finished_spans(), result.id, SpanKind.PRODUCER) is None
+    # Recorded: the attributes set after the start are there.
+    assert process.attributes["messaging.message.id"] == result.id
+    assert process.attributes["messaging.operation.name"] == "process"
+    assert process.attributes["celery.message.queue_time"] >= 0
+
+
+def test_inside_a_sampled_trace_a_sampler_sees_at_least_the_start_attributes(env):
+    """Under a sampled parent every attribute is given at start, the four among them."""
     sampler = RecordingSampler()
     instrumentor, provider, exporter = _instrumented(env, sampler)
     try:
@@ -105,16 +142,13 @@ def test_a_sampler_sees_exactly_the_start_attributes_of_both_spans(env):
         wait_for(lambda _: one(exporter.get_finished_spans(), result.id, SpanKind.CONSUMER))
     finally:
         instrumentor.uninstrument()
-    expected = {
-        "messaging.system": "redis",
-        "messaging.destination.name": "celery",
-        "celery.task.name": "t.add",
+    (send,) = sampler.asked_for("send t.add")
+    (process,) = sampler.asked_for("process t.add")
+    assert {k: send[k] for k in START_ATTRIBUTES} == {**EXPECTED_START, "messaging.operation.type": "send"}
+    assert {k: process[k] for k in START_ATTRIBUTES} == {
+        **EXPECTED_START, "messaging.operation.type": "process"
     }
-    assert sampler.asked_for("send t.add") == [{**expected, "messaging.operation.type": "send"}]
-    assert sampler.asked_for("process t.add") == [
-        {**expected, "messaging.operation.type": "process"}
-    ]
-    assert set(sampler.asked_for("send t.add")[0]) == START_ATTRIBUTES
+    assert send["messaging.message.id"] == process["messaging.message.id"] == result.id
 
 
 def test_an_unsampled_message_still_carries_the_context_and_baggage_into_the_task(env):

@@ -19,6 +19,7 @@ from opentelemetry.semconv._incubating.attributes.messaging_attributes import (
     MESSAGING_SYSTEM,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.trace import get_current_span
 
 __all__ = [
     "ERROR_TYPE",
@@ -76,6 +77,13 @@ def start_attributes(system: str, operation: str, destination: str, task: str) -
         MESSAGING_DESTINATION_NAME: destination,
         CELERY_TASK_NAME: task,
     }
+
+def sampled(context: Any) -> bool:
+    """Whether the span current in ``context`` is valid and sampled: a child of it
+    records under the SDK's default ParentBased sampler."""
+    span_context = get_current_span(context).get_span_context()
+    return span_context.is_valid and span_context.trace_flags.sampled
+
 
 # Broker URL scheme -> messaging.system. Redis has no value in the incubating enum
 # yet; "redis" is what the conventions' issue tracker and the Redis instrumentations use.

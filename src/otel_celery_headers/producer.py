@@ -162,31 +162,26 @@ class Producer:
     def _open(self, publish: _Publish, facts: Mapping[str, Any], destination: str) -> Span:
         """Start the publish's span, and make it current.
 
-        The sampler sees the start attributes; the message facts are read and set
-        only when the span records (an unsampled publish does not build them).
+        The sampler sees the start attributes. Under a sampled parent the span will
+        almost surely record (ParentBased, the SDK's default), so the message facts go
+        in at start, in one pass; otherwise they are read and set only if the span
+        records, and an unsampled publish does not build them (issue 12).
         """
         system = attrs.messaging_system(publish.app)
+        attributes: dict[str, Any] = attrs.start_attributes(
+            system, attrs.OPERATION_SEND, destination, publish.name
+        )
+        in_sampled_trace = attrs.sampled(otel_context.get_current())
+        if in_sampled_trace:
+            self._message_attributes(facts, attributes)
         span = self._tracer.start_span(
             f"{attrs.OPERATION_SEND} {publish.name}",
             kind=SpanKind.PRODUCER,
-            attributes=attrs.start_attributes(
-                system, attrs.OPERATION_SEND, destination, publish.name
-            ),
+            attributes=attributes,
             start_time=publish.start_ns,
         )
-        if span.is_recording():
-            attributes: dict[str, Any] = {attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND}
-            for key, attr in _FROM_MESSAGE:
-                value = facts.get(key)
-                if isinstance(value, str):
-                    attributes[attr] = value
-            retries = facts.get("retries")
-            if isinstance(retries, int):
-                attributes[attrs.CELERY_TASK_RETRIES] = retries
-            entry = _beat_entry.get()
-            if entry is not None:
-                attributes[attrs.CELERY_BEAT_ENTRY] = entry
-            span.set_attributes(attributes)
+        if not in_sampled_trace and span.is_recording():
+            span.set_attributes(self._message_attributes(facts, {}))
         publish.span = span
         publish.metric_attributes = {
             attrs.MESSAGING_SYSTEM: system,
@@ -196,6 +191,22 @@ class Producer:
         }
         publish.activation = otel_context.attach(trace.set_span_in_context(span))
         return span
+
+    @staticmethod
+    def _message_attributes(facts: Mapping[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+        """The publish span's attributes beyond the start ones, added to ``into``."""
+        into[attrs.MESSAGING_OPERATION_NAME] = attrs.OPERATION_SEND
+        for key, attr in _FROM_MESSAGE:
+            value = facts.get(key)
+            if isinstance(value, str):
+                into[attr] = value
+        retries = facts.get("retries")
+        if isinstance(retries, int):
+            into[attrs.CELERY_TASK_RETRIES] = retries
+        entry = _beat_entry.get()
+        if entry is not None:
+            into[attrs.CELERY_BEAT_ENTRY] = entry
+        return into
 
     def _failed(self, publish: _Publish, exc: BaseException) -> None:
         try:
