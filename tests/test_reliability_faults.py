@@ -83,7 +83,9 @@ def test_broker_down_publishes_fail_with_the_brokers_error_then_recover(redis_ur
                         assert trace_id(failed) == trace_id(caller)
             finally:
                 context.detach(token)
-            assert logged == []
+            # Nothing from the publishes. The worker's queue-length thread may poll while
+            # the broker is down: its one documented line (queue_length.py) is not theirs.
+            assert [r.getMessage() for r in logged if r.threadName != "otel-celery-queue-length"] == []
             assert not trace.get_current_span().get_span_context().is_valid
             assert baggage.get_all() == {}
 
