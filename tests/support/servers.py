@@ -60,12 +60,17 @@ def redis_server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
         wait_for_port(port, 15, proc)
         yield f"redis://127.0.0.1:{port}", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        _stop(proc, workdir)
+
+
+def _stop(proc: subprocess.Popen[bytes], workdir: str) -> None:
+    """Terminate a server (kill it if it lingers) and remove its directory."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextmanager
@@ -94,12 +99,7 @@ def redis_sentinel(master_name: str = "otelmaster") -> Iterator[tuple[str, str, 
             _wait_sentinel_master(port, master_name, master_port, 15)
             yield f"sentinel://127.0.0.1:{port}", master_name, master_url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            shutil.rmtree(workdir, ignore_errors=True)
+            _stop(proc, workdir)
 
 
 def _wait_sentinel_master(port: int, master_name: str, master_port: int, timeout: float) -> None:
