@@ -267,8 +267,8 @@ def test_demo_traces(demo: Any, protocol: str, max_tasks_per_child: int) -> None
 
 @CONFIGS
 def test_demo_worker_and_queue_health(demo: Any, protocol: str, max_tasks_per_child: int) -> None:
-    """The summary's last line: the worker's queue and pool gauges as they were
-    exported at its graceful stop (nothing waiting, nothing running, 2 processes)."""
+    """The summary's last line: the running worker's queue and pool gauges once the
+    work is done (nothing waiting, nothing running or prefetched, 2 processes)."""
     data = demo(protocol, max_tasks_per_child)
     metrics = data["metrics"]
     assert metrics["queues"] == [{"system": "redis", "queue": "orders-demo", "messages": 0}], \

@@ -12,9 +12,8 @@ OTLP receiver that prints every finished trace as a waterfall (or none if
 Then it places three orders, the second one set to fail, waits until each trace is
 complete (request, SQL, publish, task, the task's SQL, the follow-up ``notify`` task;
 for the failing order the task's span with status ERROR) and until the worker's
-metrics count every task, stops everything it started (a graceful stop: the
-processes export their last metrics on the way out), prints what the receiver got
-as metrics (``metrics_summary.py``) and exits 0 (1 if a trace stayed incomplete or
+metrics count every task (and show the worker settled), stops everything it started,
+prints what the receiver got as metrics (``metrics_summary.py``) and exits 0 (1 if a trace stayed incomplete or
 the metrics did not count the tasks, 130 on Ctrl-C).
 
 The demo itself plays a traced HTTP client (service ``demo-client``), as a browser or
@@ -257,6 +256,12 @@ def task_counts(points: list[Point]) -> dict[tuple[str, str], int | None]:
     return {(row.task, row.state): row.count for row in summarize(points).rows}
 
 
+def settled(points: list[Point]) -> bool:
+    """The worker's gauges say: nothing executing or prefetched, a pool, a queue read."""
+    summary = summarize(points)
+    return (summary.active, summary.reserved) == (0, 0) and bool(summary.pool) and bool(summary.queues)
+
+
 # -- main -----------------------------------------------------------------------------
 
 
@@ -413,23 +418,24 @@ def run(args: argparse.Namespace, stack: ExitStack, processes: list[Process]) ->
         time.sleep(1)
 
     metrics_wanted = receiver is not None and "otlp" in env["OTEL_METRICS_EXPORTER"].split(",")
+    summary = summarize(metrics.points())
     if metrics_wanted:
-        # At least one export after the last task: the periodic reader exports every
-        # OTEL_METRIC_EXPORT_INTERVAL, whichever process records the task metrics.
+        # Wait for an export, every OTEL_METRIC_EXPORT_INTERVAL, that counts every task
+        # and shows the worker settled (nothing active or prefetched, its pool up, the
+        # queue read): the summary is of the running worker, after the work.
         counted = metrics.wait_for(
-            lambda points: task_counts(points) == EXPECTED_TASKS, METRICS_TIMEOUT)
+            lambda points: task_counts(points) == EXPECTED_TASKS and settled(points),
+            METRICS_TIMEOUT)
+        summary = summarize(metrics.points())
         if not counted:
             ok = False
-            print(f"metrics INCOMPLETE: expected {EXPECTED_TASKS}, "
+            print(f"metrics INCOMPLETE: expected {EXPECTED_TASKS} and a settled worker, "
                   f"received {task_counts(metrics.points())}\n", flush=True)
 
-    # Stop the apps first: their last spans are flushed at exit, and a graceful stop
-    # shuts the SDK's MeterProvider down, which exports a last collection (worker
-    # and queue gauges as they are after the work) before the process exits.
+    # Stop the apps first: their last spans are flushed at exit.
     worker.stop()
     api.stop()
 
-    summary = summarize(metrics.points())
     if metrics_wanted:
         print(render(summary) + "\n", flush=True)
 
