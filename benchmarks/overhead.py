@@ -164,6 +164,19 @@ class Bench:
             finally:
                 gc.enable()
 
+    def execute_one(self, message: Any) -> Any:
+        """One message as the worker executes it; with ``main_process_callbacks``, also
+        what the worker's main process adds around it: the pool accepts it
+        (Request.on_accepted), the result comes back (Request.on_success). Here the
+        pool is this very thread."""
+        request = Request(message, app=app, task=self.task)
+        if not self.main_process_callbacks:
+            return request.execute()
+        request.on_accepted(os.getpid(), time.monotonic())
+        retval = request.execute()
+        request.on_success((False, retval, 0.0))
+        return retval
+
     def execute(self, messages: list[Any]) -> float:
         """Seconds to execute the messages as the worker does."""
         task = self.task
@@ -171,16 +184,10 @@ class Bench:
         gc.disable()
         try:
             if self.main_process_callbacks:
-                # What the worker's main process adds around each task: the pool
-                # accepts it (Request.on_accepted), the result comes back
-                # (Request.on_success). Here the pool is this very thread.
-                pid = os.getpid()
+                execute_one = self.execute_one
                 start = clock()
                 for message in messages:
-                    request = Request(message, app=app, task=task)
-                    request.on_accepted(pid, time.monotonic())
-                    retval = request.execute()
-                    request.on_success((False, retval, 0.0))
+                    execute_one(message)
                 return clock() - start
             start = clock()
             for message in messages:
@@ -435,11 +442,11 @@ def print_summary(names: list[str], summary: dict[str, Any],
 _LOOPS = {"publish": "itertoolsmodule.c:starmap_next", "execute": "_functoolsmodule.c:functools_reduce"}
 
 
-def callgrind_child(name: str, count: int) -> None:
+def callgrind_child(name: str, count: int, main_process_callbacks: bool = False) -> None:
     """Run one variant's two loops once, inside starmap (publish) and reduce (execute)."""
     telemetry = Telemetry()
     variant = Variant(name, telemetry)
-    bench = Bench(telemetry)
+    bench = Bench(telemetry, main_process_callbacks=main_process_callbacks)
     bench.run(variant, 20)  # warm-up: imports, caches, the task's tracer
     task = bench.task
     variant.on()
@@ -456,8 +463,8 @@ def callgrind_child(name: str, count: int) -> None:
         messages = bench.drain(count)
         bench.settle()
         gc.disable()
-        functools.reduce(
-            lambda _, message: Request(message, app=app, task=task).execute(), messages, None)
+        execute_one = bench.execute_one
+        functools.reduce(lambda _, message: execute_one(message), messages, None)
         gc.enable()
     finally:
         variant.off()
@@ -488,7 +495,8 @@ def _inclusive(out_file: Path) -> dict[str, int]:
 
 
 def count_instructions(names: list[str], count: int, jobs: int, candidate: Path | None,
-                       sampler: str) -> dict[str, dict[str, float]]:
+                       sampler: str, main_process_callbacks: bool = False
+                       ) -> dict[str, dict[str, float]]:
     """Instructions per message of each variant's publish and execute loop (callgrind)."""
     import concurrent.futures
     import tempfile
@@ -503,6 +511,8 @@ def count_instructions(names: list[str], count: int, jobs: int, candidate: Path 
                    "--messages", str(count), "--sampler", sampler]
         if candidate is not None:
             command += ["--candidate", str(candidate)]
+        if main_process_callbacks:
+            command.append("--main-process-callbacks")
         env = dict(os.environ, PYTHONHASHSEED="0")
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
@@ -586,13 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidate is not None:
         load_candidate(args.candidate)
     if args.callgrind_child:
-        callgrind_child(args.callgrind_child, args.messages)
+        callgrind_child(args.callgrind_child, args.messages, args.main_process_callbacks)
         return 0
     names = parse_variants(args.variants, DEFAULT_VARIANTS)
     if args.instructions:
         started = time.perf_counter()
         per_message = count_instructions(names, args.messages, args.jobs, args.candidate,
-                                         args.sampler)
+                                         args.sampler, args.main_process_callbacks)
         print(f"{args.messages} messages per variant, one callgrind process each "
               f"({time.perf_counter() - started:.0f} s)")
         print_instructions(names, per_message)

@@ -76,3 +76,23 @@ def test_zero_interval_flushes_only_at_exit(pool_child):
     flusher.on_process_shutdown()
     assert spans.timeouts == [1234] and metrics.timeouts == [1234]
     flusher.stop()
+
+
+def test_instrument_imports_ahead_what_the_first_http_export_imports_lazily():
+    """A pool child forked while the main process's export thread is inside
+    `import netrc` (requests does it on its first request) would inherit that module's
+    import lock held and hang on its own first export: instrument() imports it first."""
+    import sys
+
+    from tests.conftest import instrument
+
+    saved = sys.modules.pop("netrc", None)
+    try:
+        instrumentor = instrument()
+        try:
+            assert "netrc" in sys.modules
+        finally:
+            instrumentor.uninstrument()
+    finally:
+        if saved is not None:
+            sys.modules["netrc"] = saved

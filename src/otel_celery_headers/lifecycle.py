@@ -16,6 +16,7 @@ exports still batch, and a finished task's span is exported within that interval
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -56,6 +57,25 @@ def _after_fork_in_child() -> None:
         report("metric locks after fork", exc)
 
 
+# Modules the OTLP/HTTP exporters import lazily, on their first request: requests'
+# get_netrc_auth runs `from netrc import ...` on every request. Python's per-module
+# import locks are not reset after fork: a pool child forked while the main process's
+# metric-export thread was inside that first `import netrc` inherits the lock held by
+# a thread it does not have, and its first span export waits on it forever (seen in
+# the demo under load with --max-tasks-per-child 1: a child's exit flush stuck in
+# `_lock_unlock_module` for netrc, its spans lost). Imported once, before any fork,
+# nothing is left to lock.
+_IMPORTED_BY_FIRST_EXPORT = ("netrc",)
+
+
+def import_ahead_of_fork() -> None:
+    for name in _IMPORTED_BY_FIRST_EXPORT:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001,S110 - absent: then nothing imports it either
+            pass
+
+
 def in_pool_child() -> bool:
     """Whether this process is a prefork pool child (cached per pid: forks change it)."""
     pid = os.getpid()
@@ -91,6 +111,8 @@ class Flusher:
         self._stopped = False
         global _current, _fork_hook
         _current = self
+        # instrument() runs in the worker's main process before the pool forks.
+        import_ahead_of_fork()
         if not _fork_hook and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_after_fork_in_child)  # once: it cannot be undone
             _fork_hook = True
