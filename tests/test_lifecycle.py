@@ -96,3 +96,54 @@ def test_instrument_imports_ahead_what_the_first_http_export_imports_lazily():
     finally:
         if saved is not None:
             sys.modules["netrc"] = saved
+
+
+def test_task_done_says_whether_it_has_anything_to_do_in_this_process(monkeypatch):
+    """Outside a pool child it does nothing, and says so (False) so the consumer stops
+    calling it; in a pool child with flushing on, it wakes the thread (True)."""
+    spans = RecordingProvider()
+    monkeypatch.setattr(lifecycle, "in_pool_child", lambda: False)
+    assert Flusher(spans, None, 1234, 200).task_done() is False
+    assert Flusher(spans, None, 0, 200).task_done() is False
+    monkeypatch.setattr(lifecycle, "in_pool_child", lambda: True)
+    assert Flusher(spans, None, 0, 200).task_done() is False  # flushing off
+    flusher = Flusher(spans, None, 1234, 200)
+    assert flusher.task_done() is True
+    (thread,) = flush_threads()
+    flusher.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("answer, calls", [(True, 3), (False, 1)])
+def test_the_consumer_stops_asking_once_told_nothing_is_to_be_done(answer, calls):
+    """Three tasks: the after-task callback is called after each while it answers True,
+    and only once in this process once it answers False."""
+    from celery import Celery
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_celery_headers.consumer import Consumer
+    from otel_celery_headers.metrics import Instruments
+    from otel_celery_headers.options import Options
+
+    app = Celery("quiet", broker="memory://", set_as_current=False)
+
+    @app.task(name="t.noop", shared=False)
+    def noop() -> None:
+        return None
+
+    asked: list[int] = []
+    consumer = Consumer(
+        TracerProvider().get_tracer("tests"), Options(),
+        Instruments.create(NoOpMeterProvider().get_meter("tests")),
+        after_task=lambda: asked.append(1) is None and answer,
+    )
+    for i in range(3):
+        noop.push_request(id=f"task-{i}", delivery_info={"routing_key": "celery"})
+        try:
+            consumer.on_prerun(task_id=f"task-{i}", task=noop)
+            consumer.on_postrun(task_id=f"task-{i}", task=noop, state="SUCCESS", retval=None)
+        finally:
+            noop.pop_request()
+    assert len(asked) == calls

@@ -233,9 +233,11 @@ class Case:
         return int(self.headers.get("retries", 0))
 
     def links(self) -> list[tuple[int, int]]:
-        """A retry's previous attempt (retries > 0 only), then the chord's headers."""
+        """A retry's previous attempt (retries > 0 only), then the chord's headers (sent
+        from inside a task only)."""
         previous = self.meaning(PREVIOUS)
-        return ([previous] if previous and self.retries else []) + list(self.meaning(CHORD) or ())
+        chord = self.meaning(CHORD) if self.headers.get("parent_id") else None
+        return ([previous] if previous and self.retries else []) + list(chord or ())
 
     def materialize(self, now: float) -> dict[str, Any]:
         """The headers to publish now: relative publish times become absolute."""
@@ -275,6 +277,10 @@ def cases(draw: st.DrawFn) -> Case:
     if draw(st.booleans()):
         # A retry's message: the only one whose previous-attempt header is read.
         top["retries"] = draw(st.integers(0, 3))
+    if draw(st.booleans()):
+        # Sent from inside a task, as every chord body is: the only message whose
+        # chord-headers header is read (one sent from outside has a root, no parent).
+        top["parent_id"] = "4bf92f35-77b3-4da6-a3ce-929d0e0e4736"
     return case
 
 

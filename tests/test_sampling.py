@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery import signals
 from opentelemetry import baggage, context
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
@@ -228,3 +229,106 @@ def test_a_recorded_span_keeps_every_attribute(env):
     assert child_process == {
         **common(child_id, "t.add", parent.id), **process, "celery.task.parent_id": parent.id,
     }
+
+
+# -- where a publish's transport spans go, by how the publish span was sampled ----------
+
+
+class _Transport:
+    """A span started while the message is handed to the broker, as a redis or amqp
+    instrumentation starts one: ``after_task_publish`` runs inside the publish, after
+    the message went out, under whatever context the publish made current."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._tracer = provider.get_tracer("tests.transport")
+
+    def __enter__(self) -> _Transport:
+        signals.after_task_publish.connect(self._sent, weak=False, dispatch_uid=id(self))
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        signals.after_task_publish.disconnect(dispatch_uid=id(self))
+
+    def _sent(self, **_: Any) -> None:
+        self._tracer.start_span("transport").end()
+
+
+def _transport_spans(exporter: InMemorySpanExporter) -> list[Any]:
+    return [s for s in exporter.get_finished_spans() if s.name == "transport"]
+
+
+def test_transport_spans_nest_under_a_recorded_publish(env):
+    instrumentor, provider, exporter = _instrumented(env, ALWAYS_ON)
+    try:
+        with _Transport(provider), provider.get_tracer("tests").start_as_current_span("request"):
+            result = env.t.add.delay(1, 2)
+        assert result.get(timeout=TIMEOUT) == 3
+        send = wait_for(lambda _: one(exporter.get_finished_spans(), result.id, SpanKind.PRODUCER))
+    finally:
+        instrumentor.uninstrument()
+    (transport,) = _transport_spans(exporter)
+    assert transport.parent.span_id == send.context.span_id
+
+
+def test_under_a_caller_an_unrecorded_publish_leaves_transport_spans_to_the_caller(env):
+    """A sampler drops the publish span but keeps the caller's: the transport span is
+    the caller's child, not the child of a span nobody recorded."""
+    sampler = RecordingSampler(keep=lambda name: not name.startswith("send "))
+    instrumentor, provider, exporter = _instrumented(env, sampler)
+    try:
+        with _Transport(provider), provider.get_tracer("tests").start_as_current_span("request") as caller:
+            result = env.t.add.delay(1, 2)
+        assert result.get(timeout=TIMEOUT) == 3
+        process = wait_for(lambda _: one(exporter.get_finished_spans(), result.id, SpanKind.CONSUMER))
+    finally:
+        instrumentor.uninstrument()
+    assert one(exporter.get_finished_spans(), result.id, SpanKind.PRODUCER) is None
+    (transport,) = _transport_spans(exporter)
+    assert transport.parent.span_id == caller.get_span_context().span_id
+    # The message still names the publish span (unrecorded) as the task's parent.
+    assert process.context.trace_id == caller.get_span_context().trace_id
+    assert process.parent.span_id != caller.get_span_context().span_id
+
+
+def test_without_a_caller_an_unsampled_publish_keeps_its_transport_spans_unsampled(env):
+    """A root publish the sampler drops: its transport spans follow it, instead of each
+    starting a trace of its own that the root sampler would keep."""
+    sampler = ParentBased(RecordingSampler(keep=lambda name: not name.startswith("send ")))
+    instrumentor, provider, exporter = _instrumented(env, sampler)
+    try:
+        with _Transport(provider):
+            result = env.t.add.delay(1, 2)  # no span current: a root publish
+        assert result.get(timeout=TIMEOUT) == 3
+        # The fence: the solo worker has finished the task once its result is read;
+        # the transport span ended inside delay(), before that.
+    finally:
+        instrumentor.uninstrument()
+    assert _transport_spans(exporter) == []
+    assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize("which", ["none", "empty", "invalid", "unsampled", "sampled", "not a span"])
+def test_the_parent_hint_agrees_with_the_public_api(which):
+    """attributes.parent_sampled reads the API's private span key to skip an ABC check:
+    it must give what get_current_span() does, so an API change shows up here."""
+    from opentelemetry import trace
+    from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext, TraceFlags
+
+    from otel_celery_headers.attributes import parent_sampled
+
+    def span_with(flags: int) -> NonRecordingSpan:
+        return NonRecordingSpan(SpanContext(0x1F, 0x2E, is_remote=True, trace_flags=TraceFlags(flags)))
+
+    contexts = {
+        "none": Context(),
+        "empty": context.get_current(),
+        "invalid": trace.set_span_in_context(INVALID_SPAN),
+        "unsampled": trace.set_span_in_context(span_with(0)),
+        "sampled": trace.set_span_in_context(span_with(1)),
+        "not a span": trace.set_span_in_context(object()),  # type: ignore[arg-type]
+    }
+    ctx = contexts[which]
+    public = trace.get_current_span(ctx).get_span_context()
+    expected = (public.trace_flags.sampled if public.is_valid else None)
+    assert parent_sampled(ctx) == expected
+    assert expected == {"sampled": True, "unsampled": False}.get(which)

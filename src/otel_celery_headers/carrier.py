@@ -57,7 +57,7 @@ def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
     return None if outer is None else _mapping(outer.get(key))
 
 
-# find_header and own_header run three to five times per task (traceparent, tracestate
+# The getter and own_header run three to five times per task (traceparent, tracestate
 # and baggage for extract; publish time, chord links), mostly to miss: they read the
 # request's instance __dict__ inline instead of through small helpers, since at this
 # rate each Python call is a measurable share of an unsampled task (issue 12).
@@ -72,37 +72,8 @@ def find_header(request: object, key: str) -> str | None:
     The worker's main process passes message headers wrapped in a SimpleNamespace, so
     everything here reads attributes, the shape of ``task.request``.
     """
-    own = getattr(request, "__dict__", None)
-    if type(own) is dict:
-        value = own.get(key)
-        if isinstance(value, str):
-            return value
-        headers = own.get("headers")
-        seed = own.get(SEED_CARRIER_KEY)
-    else:
-        value = getattr(request, key, None)
-        if isinstance(value, str):
-            return value
-        headers = getattr(request, "headers", None)
-        seed = getattr(request, SEED_CARRIER_KEY, None)
-    # None is the usual miss; a plain dict the usual hit: no call for either.
-    if seed is not None and type(seed) is not dict:
-        seed = _mapping(seed)
-    if headers is not None and (type(headers) is dict or _mapping(headers) is not None):
-        value = headers.get(key)
-        if isinstance(value, str):
-            return value
-        nested = headers.get(NESTED_CARRIER_KEY)
-        if nested is not None and (type(nested) is dict or _mapping(nested) is not None):
-            value = nested.get(key)
-            if isinstance(value, str):
-                return value
-        if seed is None:
-            seed = _mapping(headers.get(SEED_CARRIER_KEY))
-    if seed is not None:
-        value = seed.get(key)
-        return value if isinstance(value, str) else None
-    return None
+    found = _REQUEST_GETTER.get(request, key)
+    return None if found is None else found[0]
 
 
 def own_header(request: object, key: str) -> str | None:
@@ -129,11 +100,44 @@ def own_header(request: object, key: str) -> str | None:
 
 
 class RequestGetter(Getter[Any]):
-    """Reads propagation fields from ``task.request`` (see ``find_header``)."""
+    """Reads propagation fields from ``task.request``: ``find_header``'s lookup, here
+    rather than called from here, since propagators call this once per field."""
 
     def get(self, carrier: Any, key: str) -> list[str] | None:
-        value = find_header(carrier, key)
-        return None if value is None else [value]
+        own = getattr(carrier, "__dict__", None)
+        if type(own) is dict:
+            value = own.get(key)
+            if isinstance(value, str):
+                return [value]
+            headers = own.get("headers")
+            seed = own.get(SEED_CARRIER_KEY)
+        else:
+            value = getattr(carrier, key, None)
+            if isinstance(value, str):
+                return [value]
+            headers = getattr(carrier, "headers", None)
+            seed = getattr(carrier, SEED_CARRIER_KEY, None)
+        # None is the usual miss; a plain dict the usual hit: no call for either.
+        if seed is not None and type(seed) is not dict:
+            seed = _mapping(seed)
+        if headers is not None and (type(headers) is dict or _mapping(headers) is not None):
+            value = headers.get(key)
+            if isinstance(value, str):
+                return [value]
+            nested = headers.get(NESTED_CARRIER_KEY)
+            if nested is not None and (type(nested) is dict or _mapping(nested) is not None):
+                value = nested.get(key)
+                if isinstance(value, str):
+                    return [value]
+            if seed is None:
+                seed = headers.get(SEED_CARRIER_KEY)
+                if seed is not None and type(seed) is not dict:
+                    seed = _mapping(seed)
+        if seed is not None:
+            value = seed.get(key)
+            if isinstance(value, str):
+                return [value]
+        return None
 
     def keys(self, carrier: Any) -> list[str]:
         found: list[str] = []
@@ -146,6 +150,9 @@ class RequestGetter(Getter[Any]):
             if isinstance(source, Mapping):
                 found.extend(k for k in source if isinstance(k, str))
         return found
+
+
+_REQUEST_GETTER = RequestGetter()
 
 
 class HeaderSetter(Setter[MutableMapping[str, Any]]):

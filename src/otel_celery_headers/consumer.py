@@ -22,7 +22,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
 from . import fanin
@@ -34,10 +34,10 @@ from .inbound import (
     extract,
     previous_attempt,
     queue_time,
+    waited_since,
     relate,
-    request_attributes,
 )
-from .carrier import own_header
+from .carrier import SENT_AT_HEADER, own_header
 from .fanin import ChordPart
 from .lifecycle import in_pool_child
 from .metrics import Instruments
@@ -71,20 +71,25 @@ class Consumer:
         tracer: Tracer,
         options: Options,
         instruments: Instruments,
-        after_task: Callable[[], None] | None = None,
+        after_task: Callable[[], bool] | None = None,
     ) -> None:
         self._tracer = tracer
         self._options = options
         self._instruments = instruments
+        #: Called after every task; returns False when it has nothing to do in this
+        #: process, which then stops calling it (a fork makes a new pid: asked again).
         self._after_task = after_task
+        self._quiet_pid = 0
         # Worker deliveries are counted by the worker's main process (deliveries.py),
         # unless instrument() ran in this pool child itself (worker_process_init): then
         # the main process is not instrumented, and the child counts what it runs.
         self._home_pid = os.getpid()
+        self._counting_pid: int | None = None  # see _decide_counting(); None: not asked yet
 
-    def _counts(self, eager: bool) -> bool:
-        """Whether this process records the delivery metrics of this execution."""
-        return eager or (os.getpid() == self._home_pid and in_pool_child())
+    def _decide_counting(self) -> int:
+        """The pid that records delivery metrics of what it runs (-1: none does)."""
+        pid = os.getpid()
+        return pid if pid == self._home_pid and in_pool_child() else -1
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task_id is None or task is None:
@@ -99,29 +104,48 @@ class Consumer:
             execution.publish_marker = current_publish.set(None)
 
     def _start(self, task_id: str, task: Any) -> _Execution:
+        # task.request is Celery's Context, whose class gives every field read here a
+        # default: plain attribute reads, cheaper than getattr(..., default).
         request = task.request
         name: str = task.name
         excluded, shape = self._options.for_task(name)
-        eager = bool(getattr(request, "is_eager", False))
-        inbound = self._inbound(request, eager)
+        eager = bool(request.is_eager)
+        inbound = extract(request)
+        if eager:
+            inbound = self._eager_inbound(inbound)
 
-        base, parent, links = relate(inbound, shape)
+        links: list[Link] | None = None
+        if shape == "child":  # the default, without a call (see relate())
+            base = parent = inbound
+        else:
+            base, parent, links = relate(inbound, shape)
         if shape != "ignore":
-            retries: object = getattr(request, "retries", 0)
+            retries: object = request.retries
             if retries:
                 previous = previous_attempt(request)
                 if previous is not None:
                     links = [*(links or ()), previous]
-            headers = own_header(request, fanin.CHORD_LINKS_HEADER)
+            # A chord's body is sent by its last header task, from inside that task;
+            # a message sent from outside any task (protocol 2 then gives it a root
+            # but no parent) cannot be one: no lookup for the usual case.
+            headers = (
+                None
+                if request.parent_id is None and request.root_id is not None
+                else own_header(request, fanin.CHORD_LINKS_HEADER)
+            )
             if headers is not None:  # a chord body: one link per header task
                 links = [*(links or ()), *fanin.links_from(headers)]
 
         system = attrs.messaging_system(task.app)
-        destination = destination_of(getattr(request, "delivery_info", None))
+        destination = destination_of(request.delivery_info)
         # Worker deliveries are counted by the process holding their Request
         # (deliveries.py): no metric attributes are built here for nobody.
         metric_attributes: dict[str, Any] | None = None
-        if self._counts(eager):
+        # Whether this process counts deliveries: asked once per process (a fork
+        # gives a new pid, which never counts: the child's main process does).
+        if self._counting_pid is None:
+            self._counting_pid = self._decide_counting()
+        if eager or os.getpid() == self._counting_pid:
             metric_attributes = {
                 attrs.MESSAGING_SYSTEM: system,
                 attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
@@ -149,7 +173,7 @@ class Consumer:
         attributes: dict[str, Any] = attrs.start_attributes(
             system, attrs.OPERATION_PROCESS, destination, name
         )
-        in_sampled_trace = attrs.sampled(parent)
+        in_sampled_trace = attrs.parent_sampled(parent)
         if in_sampled_trace:
             self._span_attributes(request, task_id, eager, shape, waited, attributes)
         span = self._tracer.start_span(
@@ -169,7 +193,7 @@ class Consumer:
                 report("process_hook", exc)
         activation = otel_context.attach(trace.set_span_in_context(span, base))
         execution = _Execution(task_id, span, activation, time.perf_counter(), metric_attributes)
-        if getattr(request, "chord", None) and self._options.chord_links:
+        if request.chord and self._options.chord_links:
             try:
                 part = fanin.part_of(request, task.backend)
                 if part is not None:
@@ -188,24 +212,43 @@ class Consumer:
         waited: float | None,
         into: dict[str, Any],
     ) -> dict[str, Any]:
-        """The process span's attributes beyond the start ones, added to ``into``."""
+        """The process span's attributes beyond the start ones, added to ``into``.
+
+        The facts inbound.request_attributes() reads from any request, read here as
+        plain attributes of Celery's Context (see _start), one line each.
+        """
         into[attrs.MESSAGING_OPERATION_NAME] = attrs.OPERATION_PROCESS
         into[attrs.MESSAGING_MESSAGE_ID] = task_id
-        request_attributes(request, into)
+        if isinstance(value := request.root_id, str):
+            into[attrs.MESSAGING_MESSAGE_CONVERSATION_ID] = value
+        if isinstance(value := request.parent_id, str):
+            into[attrs.CELERY_TASK_PARENT_ID] = value
+        if isinstance(value := request.group, str):
+            into[attrs.CELERY_TASK_GROUP_ID] = value
+        if isinstance(value := request.eta, str):
+            into[attrs.CELERY_TASK_ETA] = value
+        if isinstance(value := request.hostname, str):
+            into[attrs.CELERY_WORKER_HOSTNAME] = value
+        retries = request.retries
+        into[attrs.CELERY_TASK_RETRIES] = retries if isinstance(retries, int) else 0
         if eager:
             into[attrs.CELERY_TASK_EAGER] = True
         if shape != "child":
             into[attrs.CELERY_TRACE_SHAPE] = shape
         if waited is None and not eager:
-            waited = queue_time(request)
+            # Where we write it (the top level: the Context's own attributes), without
+            # a call; own_header() also looks where an eager apply(headers=) puts it.
+            sent = request.__dict__.get(SENT_AT_HEADER)
+            if not isinstance(sent, str):
+                sent = own_header(request, SENT_AT_HEADER)
+            waited = waited_since(sent, request.eta)
         if waited is not None:
             into[attrs.CELERY_QUEUE_TIME] = waited
         return into
 
     @staticmethod
-    def _inbound(request: Any, eager: bool) -> Context:
-        inbound = extract(request)
-        if eager and not trace.get_current_span(inbound).get_span_context().is_valid:
+    def _eager_inbound(inbound: Context) -> Context:
+        if not trace.get_current_span(inbound).get_span_context().is_valid:
             # apply() / task_always_eager: no message, the caller is right here.
             return otel_context.get_current()
         return inbound
@@ -231,8 +274,10 @@ class Consumer:
             report("task_postrun detach", exc)
         try:
             self._finish(execution, task, state, retval)
-            if self._after_task is not None:
-                self._after_task()
+            # Until it says it has nothing to do in this process (then once per pid).
+            if self._after_task is not None and self._quiet_pid != os.getpid():
+                if not self._after_task():
+                    self._quiet_pid = os.getpid()
         except Exception as exc:  # noqa: BLE001
             report("task_postrun", exc)
 

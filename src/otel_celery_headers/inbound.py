@@ -73,7 +73,8 @@ def request_attributes(request: Any, into: dict[str, Any]) -> None:
 def destination_of(delivery_info: Any) -> str:
     if not isinstance(delivery_info, dict):
         return ""
-    return str(delivery_info.get("routing_key") or delivery_info.get("exchange") or "")
+    name = delivery_info.get("routing_key") or delivery_info.get("exchange") or ""
+    return name if type(name) is str else str(name)
 
 
 def previous_attempt(request: Any) -> Link | None:
@@ -90,7 +91,11 @@ def queue_time(request: Any) -> float | None:
     A task with a countdown did not "wait" before its eta. Clocks of producer and
     worker machines differ: a negative difference is skew, reported as zero.
     """
-    sent = own_header(request, SENT_AT_HEADER)
+    return waited_since(own_header(request, SENT_AT_HEADER), getattr(request, "eta", None))
+
+
+def waited_since(sent: str | None, eta: object) -> float | None:
+    """``queue_time`` from the publish-time header's value and the message's eta."""
     if sent is None:
         return None
     try:
@@ -99,10 +104,10 @@ def queue_time(request: Any) -> float | None:
         return None
     if not math.isfinite(ready):  # "inf", "nan": not a time, and not a metric value
         return None
-    eta = getattr(request, "eta", None)
     if isinstance(eta, str):
         try:
             ready = max(ready, datetime.fromisoformat(eta).timestamp())
         except ValueError:
             pass
-    return max(0.0, time.time() - ready)
+    waited = time.time() - ready
+    return waited if waited > 0.0 else 0.0  # not max(): a call, on every task

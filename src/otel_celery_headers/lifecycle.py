@@ -128,7 +128,9 @@ class Flusher:
 
     # -- after every task (consumer.py calls this from task_postrun) ---------------
 
-    def task_done(self) -> None:
+    def task_done(self) -> bool:
+        """Wake the flushing thread; False when this process has none (not a pool
+        child, or flushing off): the consumer then stops calling, until a fork."""
         pid = os.getpid()
         if pid != self._pid:
             # First task in this process (or first after a fork): decide once.
@@ -141,8 +143,10 @@ class Flusher:
                 threading.Thread(
                     target=self._loop, args=(self._kick,), name="otel-celery-flush", daemon=True
                 ).start()
-        if self._kick is not None:
-            self._kick.set()
+        if self._kick is None:
+            return False
+        self._kick.set()
+        return True
 
     def _loop(self, kick: threading.Event) -> None:
         while True:

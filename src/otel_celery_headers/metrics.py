@@ -77,6 +77,16 @@ class Instruments:
             ),
         )
 
+    def recording(self) -> bool:
+        """False while no MeterProvider is behind the instruments: nothing would record.
+
+        Without a MeterProvider, the API hands out proxy instruments that forward to
+        nothing until one is set (and then to the real ones, so this is asked each
+        time, not once). Knowing it, a publish builds no attributes and reads no clock
+        for nobody (issue 12). Instruments of any other kind are taken as recording.
+        """
+        return getattr(self.sent, "_real_instrument", self.sent) is not None
+
     def published(self, seconds: float, attributes: Mapping[str, Any]) -> None:
         self.sent.add(1, attributes)
         self.publish_duration.record(seconds, attributes)

@@ -7,8 +7,10 @@ publish already under way and the inner wrapper passes through: one span per mes
 
 The span is opened in ``before_task_publish``, when the message's id, queue and
 headers are known, with the attributes a sampler keys on (``start_attributes``); the
-message facts are added only if the span records. Its start time is taken when the
-wrapper was entered, so it still covers the whole call. An eager ``apply_async`` never
+message facts are given at start too under a sampled caller, and otherwise set only if
+the span records. Its start time is taken when the wrapper was entered, so it still
+covers the whole call. It is made current (the transport's spans nest under it) unless
+it does not record and a caller's span is there to take them (see ``_open``). An eager ``apply_async`` never
 reaches that signal and so has no publish span, without looking up Celery's configuration.
 A call that fails before the signal gets its span, marked ERROR, from the wrapper.
 
@@ -23,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -66,12 +68,15 @@ class _Publish:
     app: Any
     start_ns: int
     started: float
-    span: Span | None = None
-    activation: Token[Context] | None = None
-    metric_attributes: dict[str, Any] = field(default_factory=dict)
     #: Through Task.apply_async, which runs the task in place under task_always_eager
     #: (send_task never does).
-    eager_possible: bool = False
+    eager_possible: bool
+    span: Span | None = None
+    #: The context with ``span`` in it: what is injected into the message.
+    context: Context | None = None
+    activation: Token[Context] | None = None
+    #: None when no MeterProvider is behind our instruments: nothing is recorded.
+    metric_attributes: dict[str, Any] | None = None
 
 
 # The `celery beat` schedule entry being sent, named on its publish span.
@@ -94,35 +99,31 @@ class Producer:
     ) -> Any:
         if current_publish.get() is not None:
             return wrapped(*args, **kwargs)
-        return self._traced(
-            wrapped, args, kwargs, lambda: (instance.name, instance._get_app()), eager_possible=True
-        )
+        try:
+            publish = _Publish(
+                str(instance.name), instance._get_app(), time.time_ns(), time.perf_counter(), True
+            )
+        except Exception as exc:  # noqa: BLE001
+            report("publish", exc)
+            return wrapped(*args, **kwargs)
+        return self._traced(wrapped, args, kwargs, publish)
 
     def wrap_send_task(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
         if current_publish.get() is not None:  # inside apply_async: already marked
             return wrapped(*args, **kwargs)
-        return self._traced(
-            wrapped, args, kwargs, lambda: (args[0] if args else kwargs.get("name"), instance)
-        )
-
-    def _traced(
-        self,
-        wrapped: Callable[..., Any],
-        args: Any,
-        kwargs: Any,
-        describe: Callable[[], tuple[Any, Any]],
-        eager_possible: bool = False,
-    ) -> Any:
         try:
-            name, app = describe()
-            publish = _Publish(
-                str(name), app, time.time_ns(), time.perf_counter(), eager_possible=eager_possible
-            )
+            name = args[0] if args else kwargs.get("name")
+            publish = _Publish(str(name), instance, time.time_ns(), time.perf_counter(), False)
         except Exception as exc:  # noqa: BLE001
             report("publish", exc)
             return wrapped(*args, **kwargs)
+        return self._traced(wrapped, args, kwargs, publish)
+
+    def _traced(
+        self, wrapped: Callable[..., Any], args: Any, kwargs: Any, publish: _Publish
+    ) -> Any:
         marker = current_publish.set(publish)
         try:
             return wrapped(*args, **kwargs)
@@ -160,7 +161,7 @@ class Producer:
             otel_context.detach(activation)
 
     def _open(self, publish: _Publish, facts: Mapping[str, Any], destination: str) -> Span:
-        """Start the publish's span, and make it current.
+        """Start the publish's span; make it current unless nothing can nest under it.
 
         The sampler sees the start attributes. Under a sampled parent the span will
         almost surely record (ParentBased, the SDK's default), so the message facts go
@@ -171,25 +172,36 @@ class Producer:
         attributes: dict[str, Any] = attrs.start_attributes(
             system, attrs.OPERATION_SEND, destination, publish.name
         )
-        in_sampled_trace = attrs.sampled(otel_context.get_current())
-        if in_sampled_trace:
+        caller = otel_context.get_current()
+        parent_sampled = attrs.parent_sampled(caller)
+        if parent_sampled:
             self._message_attributes(facts, attributes)
         span = self._tracer.start_span(
             f"{attrs.OPERATION_SEND} {publish.name}",
+            context=caller,
             kind=SpanKind.PRODUCER,
             attributes=attributes,
             start_time=publish.start_ns,
         )
-        if not in_sampled_trace and span.is_recording():
+        recording = span.is_recording()
+        if recording and not parent_sampled:
             span.set_attributes(self._message_attributes(facts, {}))
         publish.span = span
-        publish.metric_attributes = {
-            attrs.MESSAGING_SYSTEM: system,
-            attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-            attrs.MESSAGING_DESTINATION_NAME: destination,
-            attrs.CELERY_TASK_NAME: publish.name,
-        }
-        publish.activation = otel_context.attach(trace.set_span_in_context(span))
+        publish.context = trace.set_span_in_context(span, caller)
+        # Current, so that the transport's own spans (redis, amqp) nest under it. An
+        # unrecorded span under a valid caller is not: those spans would have a parent
+        # nobody recorded, and are better off under the caller, whose sampling decision
+        # they follow anyway. Under no caller it is, or each would start a trace of
+        # its own that a ratio sampler could keep.
+        if recording or parent_sampled is None:
+            publish.activation = otel_context.attach(publish.context)
+        if self._instruments.recording():
+            publish.metric_attributes = {
+                attrs.MESSAGING_SYSTEM: system,
+                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
+                attrs.MESSAGING_DESTINATION_NAME: destination,
+                attrs.CELERY_TASK_NAME: publish.name,
+            }
         return span
 
     @staticmethod
@@ -226,7 +238,14 @@ class Producer:
                     start_time=publish.start_ns,
                 )
             mark_failed(publish.span, exc)
-            publish.metric_attributes[attrs.ERROR_TYPE] = error_type(exc)
+            if publish.metric_attributes is None and self._instruments.recording():
+                publish.metric_attributes = {  # failed before _open: no destination known
+                    attrs.MESSAGING_SYSTEM: attrs.messaging_system(publish.app),
+                    attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
+                    attrs.CELERY_TASK_NAME: publish.name,
+                }
+            if publish.metric_attributes is not None:
+                publish.metric_attributes[attrs.ERROR_TYPE] = error_type(exc)
         except Exception as inner:  # noqa: BLE001
             report("publish failure", inner)
 
@@ -234,9 +253,10 @@ class Producer:
         try:
             if publish.span is not None:
                 publish.span.end()
-            self._instruments.published(
-                time.perf_counter() - publish.started, publish.metric_attributes
-            )
+            if publish.metric_attributes is not None:
+                self._instruments.published(
+                    time.perf_counter() - publish.started, publish.metric_attributes
+                )
         except Exception as exc:  # noqa: BLE001
             report("publish end", exc)
 
@@ -259,7 +279,7 @@ class Producer:
             publish: _Publish | None = current_publish.get()
             if publish is not None and publish.span is None:
                 self._open(publish, facts, routing_key or exchange or "")
-            self._inject(headers, facts)
+            self._inject(headers, facts, publish)
             hook = self._options.publish_hook
             if hook is not None and publish is not None and publish.span is not None:
                 try:
@@ -269,8 +289,16 @@ class Producer:
         except Exception as exc:  # noqa: BLE001
             report("before_task_publish", exc)
 
-    def _inject(self, headers: MutableMapping[str, Any], facts: Mapping[str, Any]) -> None:
-        ctx = otel_context.get_current()
+    def _inject(
+        self,
+        headers: MutableMapping[str, Any],
+        facts: Mapping[str, Any],
+        publish: _Publish | None,
+    ) -> None:
+        # Our publish span's context (current or not, see _open); else the caller's.
+        ctx = publish.context if publish is not None else None
+        if ctx is None:
+            ctx = otel_context.get_current()
         textmap = propagate.get_global_textmap()
         # CompositePropagator.fields builds a new set on every call: cache it for the
         # propagator object in use (the global one can be replaced at any time).
