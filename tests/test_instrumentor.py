@@ -278,3 +278,52 @@ def test_meter_provider_set_after_instrument_is_picked_up():
                          timeout=120, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == {
         "messaging.client.sent.messages": 3, "messaging.client.consumed.messages": 3}
+
+
+DELIVERIES_LATER = r'''
+import json, sys
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from otel_celery_headers import CeleryHeadersInstrumentor
+from tests.conftest import make_app, worker
+
+CeleryHeadersInstrumentor().instrument(tracer_provider=TracerProvider())
+app, t = make_app(sys.argv[1], task_default_queue="later")
+with worker(app):
+    assert t.add.delay(1, 2).get(timeout=20) == 3   # no MeterProvider anywhere yet
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    for _ in range(3):
+        assert t.add.delay(1, 2).get(timeout=20) == 3
+    t.add.delay(0, 0).get(timeout=20)  # a fence: the three before it are finished
+found = {}
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for metric in sm.metrics:
+            for p in metric.data.data_points:
+                if dict(p.attributes).get("celery.task.name") == "t.add":
+                    found[metric.name] = found.get(metric.name, 0) + (
+                        p.value if hasattr(p, "value") else p.count)
+print(json.dumps(found))
+'''
+
+
+def test_worker_deliveries_are_counted_once_a_meter_provider_is_set_later(redis_url):
+    """The worker's main process reads no headers while no MeterProvider is behind our
+    instruments (issue 12); one set globally later gets every delivery from then on,
+    with its time in queue."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", DELIVERIES_LATER, redis_url], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "messaging.client.sent.messages": 4,
+        "messaging.client.operation.duration": 4,
+        "messaging.client.consumed.messages": 4,
+        "messaging.process.duration": 4,
+        "celery.message.queue_time": 4,
+    }

@@ -329,6 +329,10 @@ class Deliveries:
         delivery.started = (
             float(time_accepted) if isinstance(time_accepted, (int, float)) else time.monotonic()
         )
+        if not self._metrics.recording():
+            # No MeterProvider: nobody records time in queue or exemplars, so the
+            # headers are not read (a failure's context is extracted when needed).
+            return
         headers = _Headers(request.request_dict)
         delivery.inbound = extract(headers)
         waited = queue_time(headers)
@@ -342,6 +346,9 @@ class Deliveries:
                 return
             delivery.done = True
         now = time.monotonic()
+        recording = self._metrics.recording()
+        if not (outcome.span or recording):
+            return  # the usual success, without a MeterProvider: nothing to record
         name, system, destination = self._facts(request)
         headers = _Headers(request.request_dict)
         span = None
@@ -355,6 +362,8 @@ class Deliveries:
                 extra={**(outcome.extra or {}),
                        **({attrs.CELERY_DELIVERY_REQUEUED: True} if outcome.state == "REQUEUED" else {})},
             )
+        if not recording:
+            return
         seconds = None if delivery.started is None else max(0.0, now - delivery.started)
         inbound = delivery.inbound if delivery.inbound is not None else Context()
         self._metrics.finished(

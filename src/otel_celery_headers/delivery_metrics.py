@@ -28,6 +28,10 @@ class DeliveryMetrics:
         self._instruments = instruments
         self._options = options
 
+    def recording(self) -> bool:
+        """Whether a MeterProvider is behind the instruments (Instruments.recording)."""
+        return self._instruments.recording()
+
     def accepted(
         self, name: str, system: str, destination: str, waited: float, inbound: Context
     ) -> None:
