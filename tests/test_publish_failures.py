@@ -76,3 +76,33 @@ def test_eager_apply_async_failure_still_has_no_publish_span(instrumentor, expor
     assert [s for s in exporter.get_finished_spans() if s.kind == P] == []
     (consumer,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CONSUMER]
     assert consumer.status.status_code == StatusCode.ERROR
+
+
+def test_a_publish_failing_before_its_message_is_built_is_counted_with_its_task(exporter, tracer):
+    """messaging.client.sent.messages: one point, naming the task, the broker, the
+    operation and the error (it once carried error.type alone)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    instrumentor = instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+    try:
+        app, _ = make_app("memory://", backend="cache+memory://")
+        with tracer.start_as_current_span("request"):
+            with pytest.raises(TypeError, match="^task args must be a list or tuple$"):
+                app.send_task("t.add", args=5)
+    finally:
+        instrumentor.uninstrument()
+    points = [
+        (dict(point.attributes), point.value)
+        for resource in reader.get_metrics_data().resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics if metric.name == "messaging.client.sent.messages"
+        for point in metric.data.data_points
+    ]
+    assert points == [({
+        "messaging.system": "memory",
+        "messaging.operation.name": "send",
+        "celery.task.name": "t.add",
+        "error.type": "TypeError",
+    }, 1)]

@@ -72,7 +72,7 @@ def find_header(request: object, key: str) -> str | None:
     The worker's main process passes message headers wrapped in a SimpleNamespace, so
     everything here reads attributes, the shape of ``task.request``.
     """
-    found = _REQUEST_GETTER.get(request, key)
+    found = REQUEST_GETTER.get(request, key)
     return None if found is None else found[0]
 
 
@@ -152,7 +152,7 @@ class RequestGetter(Getter[Any]):
         return found
 
 
-_REQUEST_GETTER = RequestGetter()
+REQUEST_GETTER = RequestGetter()
 
 
 class HeaderSetter(Setter[MutableMapping[str, Any]]):

@@ -20,14 +20,11 @@ from ._guard import report
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
-    RequestGetter,
+    REQUEST_GETTER,
     own_header,
     parse_span_ref,
 )
 from .options import TraceShape
-
-_GETTER = RequestGetter()
-
 
 def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
     """(context made current, parent of the span, links) for a trace shape."""
@@ -51,7 +48,7 @@ def extract(carrier: object) -> Context:
     context to the next (solo, threads and gevent pools reuse threads and greenlets).
     """
     try:
-        return propagate.extract(carrier, context=Context(), getter=_GETTER)
+        return propagate.extract(carrier, context=Context(), getter=REQUEST_GETTER)
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()

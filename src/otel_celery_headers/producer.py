@@ -10,8 +10,9 @@ headers are known, with the attributes a sampler keys on (``start_attributes``);
 message facts are given at start too under a sampled caller, and otherwise set only if
 the span records. Its start time is taken when the wrapper was entered, so it still
 covers the whole call. It is made current (the transport's spans nest under it) unless
-it does not record and a caller's span is there to take them (see ``_open``). An eager ``apply_async`` never
-reaches that signal and so has no publish span, without looking up Celery's configuration.
+it does not record and a caller's span is there to take them (see ``_open``). An eager
+``apply_async`` never reaches that signal and so has no publish span, without looking
+up Celery's configuration.
 A call that fails before the signal gets its span, marked ERROR, from the wrapper.
 
 Injection happens in the same signal, into the real message headers Celery is about
