@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 from celery import signals
+from celery.utils.dispatch import Signal
 from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
@@ -42,18 +43,31 @@ _REQUEST_HOOKS = {
     "reject": "wrap_reject",
     "_announce_revoked": "wrap_announce_revoked",
 }
-_SIGNALS = (
-    signals.before_task_publish,
-    signals.task_prerun,
-    signals.task_postrun,
-    signals.worker_process_shutdown,
-    signals.task_failure,
-    signals.task_retry,
-    signals.task_unknown,
-    signals.task_rejected,
-    signals.worker_init,
-    signals.worker_ready,
-    signals.worker_shutdown,
+# Everything instrument() does to Celery, and uninstrument() undoes, from one table
+# each: (where, attribute, part, method) wraps ``where.attribute`` with
+# ``<part>.<method>``; (signal, part, method) connects ``<part>.<method>``. The parts
+# are the objects _instrument() builds (producer, consumer, deliveries, flusher, health).
+_WRAPS: tuple[tuple[Any, str, str, str], ...] = (
+    (Task, "apply_async", "producer", "wrap_apply_async"),
+    (Celery, "send_task", "producer", "wrap_send_task"),
+    (Scheduler, "apply_async", "producer", "wrap_beat_apply_async"),
+    # Every worker delivery, counted where its Request lives (deliveries.py).
+    (strategy, "create_request_cls", "deliveries", "wrap_request_cls"),
+    *((Request, method, "deliveries", hook) for method, hook in _REQUEST_HOOKS.items()),
+)
+_SIGNALS: tuple[tuple[Signal, str, str], ...] = (
+    (signals.before_task_publish, "producer", "on_before_publish"),
+    (signals.task_prerun, "consumer", "on_prerun"),
+    (signals.task_postrun, "consumer", "on_postrun"),
+    (signals.worker_process_shutdown, "flusher", "on_process_shutdown"),
+    (signals.task_failure, "deliveries", "on_task_failure"),
+    (signals.task_retry, "deliveries", "on_task_retry"),
+    (signals.task_unknown, "deliveries", "on_task_unknown"),
+    (signals.task_rejected, "deliveries", "on_task_rejected"),
+    # Worker and queue health, main process only (health.py).
+    (signals.worker_init, "health", "on_worker_init"),
+    (signals.worker_ready, "health", "on_worker_ready"),
+    (signals.worker_shutdown, "health", "on_worker_shutdown"),
 )
 
 
@@ -116,47 +130,33 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         health_module.create_instruments(meter)
         health_module.activate(health)
 
-        wrap_function_wrapper(Task, "apply_async", producer.wrap_apply_async)
-        wrap_function_wrapper(Celery, "send_task", producer.wrap_send_task)
-        wrap_function_wrapper(Scheduler, "apply_async", producer.wrap_beat_apply_async)
-        # Every worker delivery, counted where its Request lives (deliveries.py).
-        wrap_function_wrapper(strategy, "create_request_cls", deliveries.wrap_request_cls)
-        for method, hook in _REQUEST_HOOKS.items():
-            if hasattr(Request, method):  # _announce_revoked is private: Celery 5.3 to 5.7
-                wrap_function_wrapper(Request, method, getattr(deliveries, hook))
-        receivers: list[tuple[Any, Callable[..., None]]] = [
-            (signals.before_task_publish, producer.on_before_publish),
-            (signals.task_prerun, consumer.on_prerun),
-            (signals.task_postrun, consumer.on_postrun),
-            (signals.worker_process_shutdown, flusher.on_process_shutdown),
-            (signals.task_failure, deliveries.on_task_failure),
-            (signals.task_retry, deliveries.on_task_retry),
-            (signals.task_unknown, deliveries.on_task_unknown),
-            (signals.task_rejected, deliveries.on_task_rejected),
-            # Worker and queue health, main process only (health.py).
-            (signals.worker_init, health.on_worker_init),
-            (signals.worker_ready, health.on_worker_ready),
-            (signals.worker_shutdown, health.on_worker_shutdown),
-        ]
-        for signal, receiver in receivers:
+        parts: dict[str, Any] = {
+            "producer": producer,
+            "consumer": consumer,
+            "deliveries": deliveries,
+            "flusher": flusher,
+            "health": health,
+        }
+        for where, attribute, part, method in _WRAPS:
+            if hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
+                wrap_function_wrapper(where, attribute, getattr(parts[part], method))
+        for signal, part, method in _SIGNALS:
             # dispatch_uid: connecting twice replaces, never doubles, a receiver.
-            signal.connect(receiver, weak=False, dispatch_uid=_UID + signal.name)
+            signal.connect(
+                getattr(parts[part], method), weak=False, dispatch_uid=_UID + signal.name
+            )
         self._stand_in_for_official()
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        unwrap(Task, "apply_async")
-        unwrap(Celery, "send_task")
-        unwrap(Scheduler, "apply_async")
-        unwrap(strategy, "create_request_cls")
-        for method in _REQUEST_HOOKS:
-            if hasattr(Request, method):
-                unwrap(Request, method)
+        for where, attribute, _, _ in _WRAPS:
+            if hasattr(where, attribute):
+                unwrap(where, attribute)
         deliveries = getattr(self, "_deliveries", None)
         if deliveries is not None:
             deliveries.stop()
             self._deliveries = None
         forkmetrics.stop()
-        for signal in _SIGNALS:
+        for signal, _, _ in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
         health_module.activate(None)  # its instruments stay in the SDK, and go quiet
         flusher = getattr(self, "_flusher", None)
