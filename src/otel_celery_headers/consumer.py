@@ -193,14 +193,14 @@ class Consumer:
                 report("process_hook", exc)
         activation = otel_context.attach(trace.set_span_in_context(span, base))
         execution = _Execution(task_id, span, activation, time.perf_counter(), metric_attributes)
-        if request.chord and self._options.chord_links:
-            try:
+        try:  # the context is attached: nothing below may keep us from returning it
+            if request.chord and self._options.chord_links:
                 part = fanin.part_of(request, task.backend)
                 if part is not None:
                     fanin.remember(part, span.get_span_context())
                     execution.chord = part
-            except Exception as exc:  # noqa: BLE001 - the context is attached: return it
-                report("chord header", exc)
+        except Exception as exc:  # noqa: BLE001
+            report("chord header", exc)
         return execution
 
     @staticmethod

@@ -194,7 +194,13 @@ class Producer:
         # nobody recorded, and are better off under the caller, whose sampling decision
         # they follow anyway. Under no caller it is, or each would start a trace of
         # its own that a ratio sampler could keep.
-        if recording or parent_sampled is None:
+        if (
+            recording
+            or parent_sampled is None
+            # The hint skips the validity check when the flag is set: rare enough
+            # (a sampled caller whose child was dropped) to make here.
+            or (parent_sampled and not trace.get_current_span(caller).get_span_context().is_valid)
+        ):
             publish.activation = otel_context.attach(publish.context)
         if self._instruments.recording():
             publish.metric_attributes = {
