@@ -29,16 +29,16 @@ from . import fanin
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
+from .carrier import SENT_AT_HEADER, own_header
+from .fanin import ChordPart
 from .inbound import (
     destination_of,
     extract,
     previous_attempt,
     queue_time,
-    waited_since,
     relate,
+    waited_since,
 )
-from .carrier import SENT_AT_HEADER, own_header
-from .fanin import ChordPart
 from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options
@@ -275,9 +275,9 @@ class Consumer:
         try:
             self._finish(execution, task, state, retval)
             # Until it says it has nothing to do in this process (then once per pid).
-            if self._after_task is not None and self._quiet_pid != os.getpid():
-                if not self._after_task():
-                    self._quiet_pid = os.getpid()
+            after_task = self._after_task
+            if after_task is not None and self._quiet_pid != os.getpid() and not after_task():
+                self._quiet_pid = os.getpid()
         except Exception as exc:  # noqa: BLE001
             report("task_postrun", exc)
 

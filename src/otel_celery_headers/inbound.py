@@ -19,12 +19,13 @@ from . import attributes as attrs
 from ._guard import report
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
-    SENT_AT_HEADER,
     REQUEST_GETTER,
+    SENT_AT_HEADER,
     own_header,
     parse_span_ref,
 )
 from .options import TraceShape
+
 
 def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
     """(context made current, parent of the span, links) for a trace shape."""
@@ -107,4 +108,4 @@ def waited_since(sent: str | None, eta: object) -> float | None:
         except ValueError:
             pass
     waited = time.time() - ready
-    return waited if waited > 0.0 else 0.0  # not max(): a call, on every task
+    return waited if waited > 0.0 else 0.0  # noqa: FURB136 - not max(): a call, every task

@@ -8,10 +8,10 @@ from collections.abc import Collection
 from typing import Any
 
 from celery import signals
-from celery.utils.dispatch import Signal
 from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
+from celery.utils.dispatch import Signal
 from celery.worker import strategy
 from celery.worker.request import Request
 from opentelemetry import metrics, trace
