@@ -147,3 +147,27 @@ def test_the_consumer_stops_asking_once_told_nothing_is_to_be_done(answer, calls
         finally:
             noop.pop_request()
     assert len(asked) == calls
+
+
+def test_each_forked_child_is_a_new_generation_and_decides_again(monkeypatch):
+    """Per-process decisions are cached against lifecycle.generation (no getpid per task):
+    a child forked after the parent decided must see a new generation and decide again."""
+    import os
+
+    monkeypatch.setattr(lifecycle, "_child_of", None)
+    before = lifecycle.generation
+    assert lifecycle.in_pool_child() is False  # decided here, in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running pytest's teardown
+        try:
+            answer = f"{lifecycle.generation - before} {lifecycle._child_of is not None and lifecycle._child_of[0] == lifecycle.generation}"
+            os.write(write, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        reported = pipe.read()
+    os.waitpid(pid, 0)
+    assert reported == "1 False"  # one fork further; the parent's answer not taken as its own
+    assert lifecycle.generation == before

@@ -11,7 +11,6 @@ cannot outlive the execution and nothing grows with the number of tasks run.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
-from . import fanin
+from . import fanin, lifecycle
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
@@ -77,19 +76,21 @@ class Consumer:
         self._options = options
         self._instruments = instruments
         #: Called after every task; returns False when it has nothing to do in this
-        #: process, which then stops calling it (a fork makes a new pid: asked again).
+        #: process, which then stops calling it (until a fork: asked again there).
         self._after_task = after_task
-        self._quiet_pid = 0
+        self._quiet_in = -1  # the lifecycle.generation after_task said so in
         # Worker deliveries are counted by the worker's main process (deliveries.py),
         # unless instrument() ran in this pool child itself (worker_process_init): then
         # the main process is not instrumented, and the child counts what it runs.
-        self._home_pid = os.getpid()
-        self._counting_pid: int | None = None  # see _decide_counting(); None: not asked yet
+        self._home = lifecycle.generation
+        self._counting_decided_in = -1  # the generation _counting was decided for
+        self._counting = False
 
-    def _decide_counting(self) -> int:
-        """The pid that records delivery metrics of what it runs (-1: none does)."""
-        pid = os.getpid()
-        return pid if pid == self._home_pid and in_pool_child() else -1
+    def _decide_counting(self) -> None:
+        """Whether this process records the delivery metrics of what it runs: only a
+        pool child that ran instrument() itself (a forked copy of us never does)."""
+        self._counting = lifecycle.generation == self._home and in_pool_child()
+        self._counting_decided_in = lifecycle.generation
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task_id is None or task is None:
@@ -141,11 +142,9 @@ class Consumer:
         # Worker deliveries are counted by the process holding their Request
         # (deliveries.py): no metric attributes are built here for nobody.
         metric_attributes: dict[str, Any] | None = None
-        # Whether this process counts deliveries: asked once per process (a fork
-        # gives a new pid, which never counts: the child's main process does).
-        if self._counting_pid is None:
-            self._counting_pid = self._decide_counting()
-        if eager or os.getpid() == self._counting_pid:
+        if self._counting_decided_in != lifecycle.generation:
+            self._decide_counting()
+        if eager or self._counting:
             metric_attributes = {
                 attrs.MESSAGING_SYSTEM: system,
                 attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
@@ -276,8 +275,9 @@ class Consumer:
             self._finish(execution, task, state, retval)
             # Until it says it has nothing to do in this process (then once per pid).
             after_task = self._after_task
-            if after_task is not None and self._quiet_pid != os.getpid() and not after_task():
-                self._quiet_pid = os.getpid()
+            quiet = self._quiet_in == lifecycle.generation
+            if after_task is not None and not quiet and not after_task():
+                self._quiet_in = lifecycle.generation
         except Exception as exc:  # noqa: BLE001
             report("task_postrun", exc)
 

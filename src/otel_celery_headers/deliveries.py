@@ -345,10 +345,10 @@ class Deliveries:
             if delivery.done:
                 return
             delivery.done = True
-        now = time.monotonic()
         recording = self._metrics.recording()
         if not (outcome.span or recording):
             return  # the usual success, without a MeterProvider: nothing to record
+        now = time.monotonic()
         name, system, destination = self._facts(request)
         headers = _Headers(request.request_dict)
         span = None

@@ -216,30 +216,22 @@ def _callback(read: Callable[[Health], list[Observation]]) -> Callable[[Callback
     return callback
 
 
+# (name, what Health reads, unit, description, gauge?). UpDownCounters where a sum
+# across workers means something; the queue length is a gauge: every worker consuming
+# a queue reports the same queue, and a sum would overcount it.
+_INSTRUMENTS: tuple[tuple[str, Callable[[Health], list[Observation]], str, str, bool], ...] = (
+    (TASKS_ACTIVE, Health.active, "{task}", "Tasks a worker is executing now.", False),
+    (TASKS_RESERVED, Health.reserved, "{task}",
+     "Tasks a worker received (prefetched) and has not started yet.", False),
+    (POOL_SIZE, Health.pool_size, "{process}",
+     "Pool processes (prefork) or threads / greenlets of a worker.", False),
+    (QUEUE_LENGTH, Health.queue_length, "{message}",
+     "Messages waiting in the broker in a queue the worker consumes.", True),
+)
+
+
 def create_instruments(meter: Meter) -> None:
-    """Observable instruments; UpDownCounters where a sum across workers means something."""
-    meter.create_observable_up_down_counter(
-        TASKS_ACTIVE,
-        callbacks=[_callback(Health.active)],
-        unit="{task}",
-        description="Tasks a worker is executing now.",
-    )
-    meter.create_observable_up_down_counter(
-        TASKS_RESERVED,
-        callbacks=[_callback(Health.reserved)],
-        unit="{task}",
-        description="Tasks a worker received (prefetched) and has not started yet.",
-    )
-    meter.create_observable_up_down_counter(
-        POOL_SIZE,
-        callbacks=[_callback(Health.pool_size)],
-        unit="{process}",
-        description="Pool processes (prefork) or threads / greenlets of a worker.",
-    )
-    # A gauge: every worker consuming a queue reports the same queue, a sum would overcount.
-    meter.create_observable_gauge(
-        QUEUE_LENGTH,
-        callbacks=[_callback(Health.queue_length)],
-        unit="{message}",
-        description="Messages waiting in the broker in a queue the worker consumes.",
-    )
+    """The observable instruments of ``_INSTRUMENTS``, each reading the active Health."""
+    for name, read, unit, description, gauge in _INSTRUMENTS:
+        create = meter.create_observable_gauge if gauge else meter.create_observable_up_down_counter
+        create(name, callbacks=[_callback(read)], unit=unit, description=description)

@@ -26,7 +26,22 @@ from opentelemetry import metrics, trace
 
 from ._guard import report
 
-_child_of: dict[int, bool] = {}
+#: Forks between this process and the one that imported this module: 0 there, one
+#: more in each child (counted by a fork hook). Per-process decisions are cached
+#: against it rather than against os.getpid(), a system call, paid on every task.
+#: Only forks through os.fork() run the hook; billiard's pool forks that way.
+generation = 0
+
+
+def _count_fork() -> None:
+    global generation
+    generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_fork)
+
+_child_of: tuple[int, bool] | None = None  # (generation, answer) of in_pool_child()
 
 # The metrics SDK does not reset its locks after fork (open-telemetry/opentelemetry-python
 # #4626, closed unmerged). A pool child forked while the main process's reader thread
@@ -77,18 +92,17 @@ def import_ahead_of_fork() -> None:
 
 
 def in_pool_child() -> bool:
-    """Whether this process is a prefork pool child (cached per pid: forks change it)."""
-    pid = os.getpid()
-    known = _child_of.get(pid)
-    if known is None:
-        try:
-            from billiard.process import current_process
+    """Whether this process is a prefork pool child (cached per process: see generation)."""
+    global _child_of
+    if _child_of is not None and _child_of[0] == generation:
+        return _child_of[1]
+    try:
+        from billiard.process import current_process
 
-            known = bool(current_process().name.startswith("ForkPoolWorker"))
-        except Exception:  # noqa: BLE001
-            known = False
-        _child_of.clear()
-        _child_of[pid] = known
+        known = bool(current_process().name.startswith("ForkPoolWorker"))
+    except Exception:  # noqa: BLE001
+        known = False
+    _child_of = (generation, known)
     return known
 
 
@@ -106,7 +120,7 @@ class Flusher:
         self._meter_provider = meter_provider
         self._timeout_ms = timeout_ms
         self._interval = interval_ms / 1000.0
-        self._pid = 0
+        self._generation = -1  # the process task_done() decided for
         self._kick: threading.Event | None = None
         self._stopped = False
         global _current, _fork_hook
@@ -131,10 +145,9 @@ class Flusher:
     def task_done(self) -> bool:
         """Wake the flushing thread; False when this process has none (not a pool
         child, or flushing off): the consumer then stops calling, until a fork."""
-        pid = os.getpid()
-        if pid != self._pid:
+        if self._generation != generation:
             # First task in this process (or first after a fork): decide once.
-            self._pid = pid
+            self._generation = generation
             self._kick = None
             # flush_timeout_ms=0 disables flushing in pool children altogether: after
             # tasks as at exit (no thread is started).
