@@ -138,6 +138,23 @@ def test_the_issues_eight_messages_are_eight_deliveries(redis_worker, exporter, 
         assert span["parent_id"] == hexid(span_id(producer), 16)
 
 
+def test_a_child_lost_after_its_span_is_one_span_and_one_count(redis_worker, tracer, producer_side):
+    """The child ends and flushes the task's span, then dies before the main process reads the result; Celery reports WorkerLostError: the span is the child's, the only one; the count is one, WorkerLostError."""
+    w, t = redis_worker.w, redis_worker.t
+    before, before_duration = outcomes(w.metric_points()), outcomes(w.metric_points(), DURATION)
+    with tracer.start_as_current_span("request") as root:
+        result = t.finish_then_die.delay()
+    assert settle(w, before, 1) == {("t.finish_then_die", "FAILURE", LOST): 1}
+    assert settle(w, before_duration, 1, DURATION) == {("t.finish_then_die", "FAILURE", LOST): 1}
+    w.wait_spans(lambda s: consumers(s, result.id))
+    time.sleep(0.5)  # one more export of the main process's spans: a second would show
+    (span,) = consumers(w.spans(), result.id)
+    assert span["attributes"]["celery.task.state"] == "SUCCESS"
+    assert span["status"] == "UNSET"
+    assert span["pid"] != w.proc.pid  # the pool child's span, not one from the main process
+    assert span["trace_id"] == hexid(trace_id(root), 32)
+
+
 def wait_active(app: Any, w: Any, task_id: str) -> None:
     """Until a pool process runs the task (revoke(terminate=True) then terminates it)."""
     deadline = time.monotonic() + 30

@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
-from . import fanin, lifecycle
+from . import endings, fanin, lifecycle
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
@@ -96,6 +96,7 @@ class Consumer:
         if task_id is None or task is None:
             return
         try:
+            endings.starting()
             execution = self._start(task_id, task)
         except Exception as exc:  # noqa: BLE001
             report("task_prerun", exc)
@@ -272,7 +273,10 @@ class Consumer:
         except Exception as exc:  # noqa: BLE001
             report("task_postrun detach", exc)
         try:
-            self._finish(execution, task, state, retval)
+            if self._finish(execution, task, state, retval):
+                # Before the flush is kicked: once it is flushed, the main process
+                # does not emit a span of its own for this delivery (endings.py).
+                endings.ended(execution.task_id)
             # Until it says it has nothing to do in this process (then once per pid).
             after_task = self._after_task
             quiet = self._quiet_in == lifecycle.generation
@@ -281,7 +285,9 @@ class Consumer:
         except Exception as exc:  # noqa: BLE001
             report("task_postrun", exc)
 
-    def _finish(self, execution: _Execution, task: Any, state: str | None, retval: Any) -> None:
+    def _finish(self, execution: _Execution, task: Any, state: str | None, retval: Any) -> bool:
+        """End the span and count the execution; False if the span is left to the
+        main process."""
         span = execution.span
         metric_attributes = execution.metric_attributes
         if state is None:
@@ -293,7 +299,7 @@ class Consumer:
                 # SIGTERM of a hard time limit or `revoke(terminate=True)` into
                 # SystemExit. The main process reports the real outcome in one span
                 # (mainprocess.py); this one is dropped unended so there are not two.
-                return
+                return False
             state = "FAILURE" if failure is not None else None
             retval = failure
         failed = state == "FAILURE" and isinstance(retval, BaseException)
@@ -314,11 +320,12 @@ class Consumer:
                     span.set_attribute(attrs.CELERY_RETRY_REASON, str(reason))
             span.end()
         if metric_attributes is None:
-            return
+            return True
         metric_attributes[attrs.CELERY_TASK_STATE] = state or "UNKNOWN"
         if exc is not None:  # Task.throws too: the task failed, as its span says
             metric_attributes[attrs.ERROR_TYPE] = error_type(exc)
         self._instruments.processed(time.perf_counter() - execution.started, metric_attributes)
+        return True
 
 
 def publishing_from() -> tuple[str, SpanContext | None, ChordPart | None] | None:

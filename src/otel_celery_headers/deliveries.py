@@ -60,6 +60,7 @@ from opentelemetry.trace import Tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
 
 from . import attributes as attrs
+from . import endings
 from ._guard import report
 from ._outcome import unwrap
 from .delivery_metrics import DeliveryMetrics
@@ -138,6 +139,7 @@ class Deliveries:
         global _current
         self.active = True
         _current = self
+        endings.share()  # before the pool forks: its children write there
         # The Request classes a worker started before instrument() already built.
         pending: list[type] = list(request_cls.__subclasses__())
         while pending:
@@ -352,7 +354,9 @@ class Deliveries:
         name, system, destination = self._facts(request)
         headers = _Headers(request.request_dict)
         span = None
-        if outcome.span:
+        # A child lost after it ended the span (endings.py) has told the trace already;
+        # the metric still records what Celery made of the delivery.
+        if outcome.span and not endings.ended_in(request.worker_pid, str(request.id)):
             span = self._spans.emit(
                 str(request.id), name, system, headers,
                 state=outcome.state,

@@ -24,6 +24,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
+from . import endings
 from ._guard import report
 
 #: Forks between this process and the one that imported this module: 0 there, one
@@ -171,7 +172,9 @@ class Flusher:
             flush = getattr(provider, "force_flush", None)
             if flush is not None:
                 try:
-                    flush(timeout_millis=self._timeout_ms)
+                    mark = endings.before_flush()
+                    if flush(timeout_millis=self._timeout_ms):
+                        endings.flushed(mark)
                 except Exception as exc:  # noqa: BLE001
                     report("flush after task", exc)
             time.sleep(self._interval)
@@ -191,14 +194,14 @@ class Flusher:
         flushing.join(self._timeout_ms / 1000.0)
 
     def _flush_providers(self) -> None:
-        for provider in (
-            self._tracer_provider or trace.get_tracer_provider(),
-            self._meter_provider or metrics.get_meter_provider(),
-        ):
+        spans = self._tracer_provider or trace.get_tracer_provider()
+        for provider in (spans, self._meter_provider or metrics.get_meter_provider()):
             flush = getattr(provider, "force_flush", None)
             if flush is None:
                 continue
             try:
-                flush(timeout_millis=self._timeout_ms)
+                mark = endings.before_flush()
+                if flush(timeout_millis=self._timeout_ms) and provider is spans:
+                    endings.flushed(mark)
             except Exception as exc:  # noqa: BLE001
                 report("flush at worker_process_shutdown", exc)

@@ -111,6 +111,13 @@ def register(app: Celery) -> SimpleNamespace:
 
         os._exit(3)
 
+    @task(name="t.finish_then_die", ignore_result=True)
+    def finish_then_die() -> str:
+        """Returns; worker_app's task_postrun receiver then kills the pool child before
+        the main process reads the result (ignore_result: Celery 5.7 does not look
+        for a stored SUCCESS, so every version reports WorkerLostError)."""
+        return "done"
+
     @task(name="t.collect")
     def collect(values: list[int]) -> int:
         return sum(values)
@@ -140,5 +147,6 @@ def register(app: Celery) -> SimpleNamespace:
         autoretry=autoretry,
         replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
         reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
+        finish_then_die=finish_then_die,
         die_twice=die_twice, die_twice_retry=die_twice_retry,
     )
