@@ -85,18 +85,20 @@ class Consumer:
         self._home = lifecycle.generation
         self._counting_decided_in = -1  # the generation _counting was decided for
         self._counting = False
+        self._tells_endings = False  # endings.written_here(), for the same generation
 
     def _decide_counting(self) -> None:
-        """Whether this process records the delivery metrics of what it runs: only a
-        pool child that ran instrument() itself (a forked copy of us never does)."""
+        """Per process: whether it records the delivery metrics of what it runs (only a
+        pool child that ran instrument() itself; a forked copy of us never does), and
+        whether it tells the main process which spans it ended (a forked copy does)."""
         self._counting = lifecycle.generation == self._home and in_pool_child()
+        self._tells_endings = endings.written_here()
         self._counting_decided_in = lifecycle.generation
 
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task_id is None or task is None:
             return
         try:
-            endings.starting()
             execution = self._start(task_id, task)
         except Exception as exc:  # noqa: BLE001
             report("task_prerun", exc)
@@ -145,6 +147,8 @@ class Consumer:
         metric_attributes: dict[str, Any] | None = None
         if self._counting_decided_in != lifecycle.generation:
             self._decide_counting()
+        if self._tells_endings:  # a pool child: the previous task's record is done with
+            endings.starting()
         if eager or self._counting:
             metric_attributes = {
                 attrs.MESSAGING_SYSTEM: system,
@@ -273,7 +277,7 @@ class Consumer:
         except Exception as exc:  # noqa: BLE001
             report("task_postrun detach", exc)
         try:
-            if self._finish(execution, task, state, retval):
+            if self._finish(execution, task, state, retval) and self._tells_endings:
                 # Before the flush is kicked: once it is flushed, the main process
                 # does not emit a span of its own for this delivery (endings.py).
                 endings.ended(execution.task_id)

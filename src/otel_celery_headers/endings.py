@@ -57,6 +57,12 @@ def share() -> None:
         _owner = lifecycle.generation
 
 
+def written_here() -> bool:
+    """Whether this process records its endings: a fork of the table's owner. Callers
+    on the hot path cache the answer per lifecycle.generation."""
+    return _table is not None and lifecycle.generation != _owner
+
+
 def _checksum(task_id: str) -> int:
     return zlib.crc32(task_id.encode("utf-8", "surrogatepass"))
 
