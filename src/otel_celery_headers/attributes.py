@@ -78,6 +78,22 @@ def start_attributes(system: str, operation: str, destination: str, task: str) -
         CELERY_TASK_NAME: task,
     }
 
+def metric_attributes(
+    system: str, operation: str, task: str, destination: str | None = None
+) -> dict[str, Any]:
+    """What every point of our publish and delivery metrics carries (a new dict: the
+    caller adds the outcome to it). No destination for a publish that failed before
+    its message was routed."""
+    found: dict[str, Any] = {
+        MESSAGING_SYSTEM: system,
+        MESSAGING_OPERATION_NAME: operation,
+        CELERY_TASK_NAME: task,
+    }
+    if destination is not None:
+        found[MESSAGING_DESTINATION_NAME] = destination
+    return found
+
+
 try:
     # The key under which the API keeps the current span in a Context. Private, but
     # read directly it spares get_current_span()'s isinstance() against the Span ABC,

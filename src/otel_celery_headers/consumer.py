@@ -150,12 +150,9 @@ class Consumer:
         if self._tells_endings:  # a pool child: the previous task's record is done with
             endings.starting()
         if eager or self._counting:
-            metric_attributes = {
-                attrs.MESSAGING_SYSTEM: system,
-                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
-                attrs.MESSAGING_DESTINATION_NAME: destination,
-                attrs.CELERY_TASK_NAME: name,
-            }
+            metric_attributes = attrs.metric_attributes(
+                system, attrs.OPERATION_PROCESS, name, destination
+            )
 
         if excluded:
             activation = otel_context.attach(base)

@@ -8,8 +8,6 @@ that trace, since the main process has no current span of its own.
 
 from __future__ import annotations
 
-from typing import Any
-
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -37,7 +35,8 @@ class DeliveryMetrics:
     ) -> None:
         """Time in queue of a delivery a pool process started."""
         context = inbound if self._options.for_task(name)[1] == "child" else _NO_EXEMPLAR
-        self._instruments.waited(waited, attributes(system, destination, name), context)
+        attributes = attrs.metric_attributes(system, attrs.OPERATION_PROCESS, name, destination)
+        self._instruments.waited(waited, attributes, context)
 
     def finished(
         self,
@@ -51,7 +50,9 @@ class DeliveryMetrics:
         inbound: Context,
     ) -> None:
         """One delivery; ``seconds`` None for one that never started."""
-        metric_attributes = attributes(system, destination, name)
+        metric_attributes = attrs.metric_attributes(
+            system, attrs.OPERATION_PROCESS, name, destination
+        )
         metric_attributes[attrs.CELERY_TASK_STATE] = state
         if error is not None:
             metric_attributes[attrs.ERROR_TYPE] = error_type_of(error)
@@ -68,15 +69,6 @@ class DeliveryMetrics:
         else:
             context = _NO_EXEMPLAR
         self._instruments.processed(seconds, metric_attributes, context)
-
-
-def attributes(system: str, destination: str, name: str) -> dict[str, Any]:
-    return {
-        attrs.MESSAGING_SYSTEM: system,
-        attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
-        attrs.MESSAGING_DESTINATION_NAME: destination,
-        attrs.CELERY_TASK_NAME: name,
-    }
 
 
 def error_type_of(exc: BaseException) -> str:

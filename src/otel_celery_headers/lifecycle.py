@@ -195,12 +195,12 @@ class Flusher:
 
     def _flush_providers(self) -> None:
         spans = self._tracer_provider or trace.get_tracer_provider()
+        mark = endings.before_flush()  # what the span flush below covers
         for provider in (spans, self._meter_provider or metrics.get_meter_provider()):
             flush = getattr(provider, "force_flush", None)
             if flush is None:
                 continue
             try:
-                mark = endings.before_flush()
                 if flush(timeout_millis=self._timeout_ms) and provider is spans:
                     endings.flushed(mark)
             except Exception as exc:  # noqa: BLE001

@@ -203,12 +203,9 @@ class Producer:
         ):
             publish.activation = otel_context.attach(publish.context)
         if self._instruments.recording():
-            publish.metric_attributes = {
-                attrs.MESSAGING_SYSTEM: system,
-                attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-                attrs.MESSAGING_DESTINATION_NAME: destination,
-                attrs.CELERY_TASK_NAME: publish.name,
-            }
+            publish.metric_attributes = attrs.metric_attributes(
+                system, attrs.OPERATION_SEND, publish.name, destination
+            )
         return span
 
     @staticmethod
@@ -246,11 +243,10 @@ class Producer:
                 )
             mark_failed(publish.span, exc)
             if publish.metric_attributes is None and self._instruments.recording():
-                publish.metric_attributes = {  # failed before _open: no destination known
-                    attrs.MESSAGING_SYSTEM: attrs.messaging_system(publish.app),
-                    attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_SEND,
-                    attrs.CELERY_TASK_NAME: publish.name,
-                }
+                # Failed before _open: no destination known.
+                publish.metric_attributes = attrs.metric_attributes(
+                    attrs.messaging_system(publish.app), attrs.OPERATION_SEND, publish.name
+                )
             if publish.metric_attributes is not None:
                 publish.metric_attributes[attrs.ERROR_TYPE] = error_type(exc)
         except Exception as inner:  # noqa: BLE001
