@@ -41,6 +41,7 @@ from .inbound import (
 from .lifecycle import in_pool_child
 from .metrics import Instruments
 from .options import Options
+from .sdk_check import SdkCheck
 
 
 @dataclass(slots=True)
@@ -71,8 +72,10 @@ class Consumer:
         options: Options,
         instruments: Instruments,
         after_task: Callable[[], bool] | None = None,
+        sdk: SdkCheck | None = None,
     ) -> None:
         self._tracer = tracer
+        self._sdk = sdk or SdkCheck(None, pending=False)
         self._options = options
         self._instruments = instruments
         #: Called after every task; returns False when it has nothing to do in this
@@ -98,6 +101,8 @@ class Consumer:
     def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
         if task_id is None or task is None:
             return
+        if self._sdk.pending:
+            self._sdk.run()
         try:
             execution = self._start(task_id, task)
         except Exception as exc:  # noqa: BLE001

@@ -28,6 +28,7 @@ from .lifecycle import Flusher
 from .metrics import Instruments
 from .package import _instruments
 from .producer import Producer
+from .sdk_check import SdkCheck
 from .version import __version__
 
 logger = logging.getLogger("otel_celery_headers")
@@ -119,8 +120,9 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             options.flush_timeout_ms,
             options.child_flush_interval_ms,
         )
-        producer = Producer(tracer, options, instruments)
-        consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done)
+        sdk = SdkCheck(tracer_provider)
+        producer = Producer(tracer, options, instruments, sdk)
+        consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done, sdk=sdk)
         deliveries = Deliveries(tracer, options, instruments)
         self._flusher: Flusher | None = flusher
         self._deliveries: Deliveries | None = deliveries

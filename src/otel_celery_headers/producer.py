@@ -52,6 +52,7 @@ from .consumer import publishing_from
 from .fanin import ChordPart
 from .metrics import Instruments
 from .options import Options
+from .sdk_check import SdkCheck
 
 logger = logging.getLogger("otel_celery_headers")
 
@@ -85,8 +86,15 @@ _beat_entry: ContextVar[str | None] = ContextVar("otel_celery_beat_entry", defau
 
 
 class Producer:
-    def __init__(self, tracer: Tracer, options: Options, instruments: Instruments) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        options: Options,
+        instruments: Instruments,
+        sdk: SdkCheck | None = None,
+    ) -> None:
         self._tracer = tracer
+        self._sdk = sdk or SdkCheck(None, pending=False)
         self._options = options
         self._instruments = instruments
         self._fields_of: TextMapPropagator | None = None
@@ -276,6 +284,8 @@ class Producer:
     ) -> None:
         if headers is None:
             return
+        if self._sdk.pending:
+            self._sdk.run()
         try:
             # Protocol 2 puts the task's facts in the headers, protocol 1 in the body.
             facts = headers if "id" in headers or not isinstance(body, dict) else body
