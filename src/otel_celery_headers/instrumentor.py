@@ -19,6 +19,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from opentelemetry.instrumentation.utils import unwrap
 from wrapt import wrap_function_wrapper
 
+from . import beat as beat_module
 from . import forkmetrics
 from . import health as health_module
 from . import options as options_module
@@ -52,6 +53,7 @@ _WRAPS: tuple[tuple[Any, str, str, str], ...] = (
     (Task, "apply_async", "producer", "wrap_apply_async"),
     (Celery, "send_task", "producer", "wrap_send_task"),
     (Scheduler, "apply_async", "producer", "wrap_beat_apply_async"),
+    (Scheduler, "populate_heap", "beat", "wrap_populate_heap"),
     # Every worker delivery, counted where its Request lives (deliveries.py).
     (strategy, "create_request_cls", "deliveries", "wrap_request_cls"),
     *((Request, method, "deliveries", hook) for method, hook in _REQUEST_HOOKS.items()),
@@ -121,7 +123,10 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             options.child_flush_interval_ms,
         )
         sdk = SdkCheck(tracer_provider)
-        producer = Producer(tracer, options, instruments, sdk)
+        beat = beat_module.BeatMonitor()
+        beat_module.create_instruments(meter, beat)
+        beat_module.activate(beat)
+        producer = Producer(tracer, options, instruments, sdk, beat)
         consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done, sdk=sdk)
         deliveries = Deliveries(tracer, options, instruments)
         self._flusher: Flusher | None = flusher
@@ -138,6 +143,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "deliveries": deliveries,
             "flusher": flusher,
             "health": health,
+            "beat": beat,
         }
         for where, attribute, part, method in _WRAPS:
             if hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
@@ -161,6 +167,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for signal, _, _ in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
         health_module.activate(None)  # its instruments stay in the SDK, and go quiet
+        beat_module.activate(None)
         flusher = getattr(self, "_flusher", None)
         if flusher is not None:
             flusher.stop()

@@ -27,7 +27,7 @@ _DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2
 _QUEUE_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600]
 
 
-def _histogram(meter: Meter, name: str, description: str, buckets: list[float]) -> Histogram:
+def histogram(meter: Meter, name: str, description: str, buckets: list[float]) -> Histogram:
     try:
         return meter.create_histogram(
             name, unit="s", description=description, explicit_bucket_boundaries_advisory=buckets
@@ -52,7 +52,7 @@ class Instruments:
                 unit="{message}",
                 description="Messages a producer attempted to send to the broker.",
             ),
-            publish_duration=_histogram(
+            publish_duration=histogram(
                 meter,
                 MESSAGING_CLIENT_OPERATION_DURATION,
                 "Duration of publishing a task message.",
@@ -63,13 +63,13 @@ class Instruments:
                 unit="{message}",
                 description="Task messages a worker took: one per delivery, whatever ended it.",
             ),
-            process_duration=_histogram(
+            process_duration=histogram(
                 meter,
                 MESSAGING_PROCESS_DURATION,
                 "Duration of a delivery from its start in the pool to its outcome.",
                 _DURATION_BUCKETS,
             ),
-            queue_time=_histogram(
+            queue_time=histogram(
                 meter,
                 CELERY_QUEUE_TIME,
                 "Time a task message waited between publish (or its eta) and execution.",

@@ -48,6 +48,7 @@ from .carrier import (
     drop_fields,
     span_ref,
 )
+from .beat import BeatMonitor
 from .consumer import publishing_from
 from .fanin import ChordPart
 from .metrics import Instruments
@@ -92,9 +93,11 @@ class Producer:
         options: Options,
         instruments: Instruments,
         sdk: SdkCheck | None = None,
+        beat: BeatMonitor | None = None,
     ) -> None:
         self._tracer = tracer
         self._sdk = sdk or SdkCheck(None, pending=False)
+        self._beat = beat
         self._options = options
         self._instruments = instruments
         self._fields_of: TextMapPropagator | None = None
@@ -161,13 +164,20 @@ class Producer:
             name = None
         # A fresh root context: whatever runs beat (`worker -B`, an embedding app)
         # must not become the parent of every periodic task.
+        beat = self._beat if name is not None else None
+        late = beat.before_send(entry) if beat is not None else None
         activation = otel_context.attach(otel_context.Context())
         marker = _beat_entry.set(str(name) if name is not None else None)
+        sent = False
         try:
-            return wrapped(*args, **kwargs)
+            result = wrapped(*args, **kwargs)
+            sent = True
+            return result
         finally:
             _beat_entry.reset(marker)
             otel_context.detach(activation)
+            if beat is not None:
+                beat.after_send(entry, late, sent)
 
     def _open(self, publish: _Publish, facts: Mapping[str, Any], destination: str) -> Span:
         """Start the publish's span; make it current unless nothing can nest under it.

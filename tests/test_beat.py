@@ -1,0 +1,128 @@
+"""celery beat as a dead-man's switch: lateness, next run and last send per entry, from a
+real `celery beat` with each scheduler we support, on a schedule the test controls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tests.support.file_exporter import read_spans
+from tests.support.metric_file import latest, read_points
+
+ROOT = Path(__file__).resolve().parents[1]
+TZ = "Asia/Kolkata"  # UTC+05:30: a half-hour offset shows any UTC/local mix-up
+SENDS = 4  # every-2s sends to wait for: the late first one, then on time
+
+
+def daily_at() -> tuple[int, int]:
+    """A time of day 75 minutes from now in TZ: the crontab entry cannot come due during
+    the test by itself, and django-celery-beat (which loads only crontabs within two
+    hours of now) still loads it."""
+    soon = datetime.now(ZoneInfo(TZ)) + timedelta(minutes=75)
+    return soon.hour, soon.minute
+
+
+def next_fire_after(moment: float, at: tuple[int, int]) -> float:
+    """The first HH:MM in TZ strictly after ``moment``: crontab(minute=MM, hour=HH)."""
+    local = datetime.fromtimestamp(moment, ZoneInfo(TZ))
+    candidate = local.replace(hour=at[0], minute=at[1], second=0, microsecond=0)
+    if candidate <= local:
+        candidate += timedelta(days=1)
+    return candidate.timestamp()
+
+
+def run_beat(redis_url: str, tmp_path: Path, scheduler: str, last_run: dict[str, float],
+             at: tuple[int, int]):
+    queue = f"beat-{uuid.uuid4().hex[:8]}"
+    span_file, metric_file = tmp_path / "spans.jsonl", tmp_path / "metrics.jsonl"
+    env = dict(
+        os.environ, BROKER_URL=redis_url, QUEUE=queue, SPAN_FILE=str(span_file),
+        METRIC_FILE=str(metric_file), METRIC_INTERVAL_MS="300", BEAT_TZ=TZ,
+        SCHEDULER=scheduler, LAST_RUN=json.dumps(last_run), DAILY_AT=f"{at[0]:02d}:{at[1]:02d}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    args = [sys.executable, "-m", "celery", "-A", "tests.support.beat_app", "beat",
+            "--loglevel", "INFO", "--max-interval", "1", "-s", str(tmp_path / "schedule")]
+    if scheduler == "django":
+        env.update(DJANGO_SETTINGS_MODULE="tests.support.beat_django", BEAT_DB=str(tmp_path / "beat.sqlite3"))
+        subprocess.run([sys.executable, "-m", "tests.support.beat_django", queue], cwd=ROOT, env=env,
+                       check=True, timeout=120)
+        args += ["-S", "django_celery_beat.schedulers:DatabaseScheduler"]
+    elif scheduler == "redbeat":
+        args += ["-S", "redbeat.RedBeatScheduler"]
+    log = open(tmp_path / "beat.log", "wb")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(sends(span_file, "every-2s")) < SENDS:
+            assert proc.poll() is None, (tmp_path / "beat.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "beat.log").read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # beat exits; the SDK's atexit exports the last points
+        proc.wait(30)
+        log.close()
+    return read_spans(span_file), read_points(metric_file), (tmp_path / "beat.log").read_text()
+
+
+def sends(span_file: Path, entry: str) -> list[dict]:
+    return [s for s in read_spans(span_file)
+            if s["kind"] == "PRODUCER" and s["attributes"].get("celery.beat.entry") == entry]
+
+
+def stream(points: list[dict], name: str, entry: str) -> dict:
+    found = [p for p in latest(points).values()
+             if p["name"] == name and p["attributes"].get("celery.beat.entry") == entry]
+    assert len(found) == 1, found
+    assert found[0]["attributes"] == {"celery.beat.entry": entry, "celery.task.name": "beat.tick"}
+    return found[0]
+
+
+@pytest.mark.parametrize("scheduler", ["default", "redbeat", "django"])
+def test_lateness_next_run_and_last_send_per_entry(redis_url, tmp_path, scheduler):
+    """An interval entry last run 62 s ago and a daily crontab last run two days ago (timezone Asia/Kolkata):
+    each first send's lateness is its send time minus its due time, the on-time sends are under 1 s late,
+    next run is 2 s after the last send and the crontab's next time of day, last send is the last send's time."""
+    now, at = time.time(), daily_at()
+    last_run = {"every-2s": now - 62, "daily": now - 2 * 86400}
+    spans, points, log = run_beat(redis_url, tmp_path, scheduler, last_run, at)
+
+    every = sorted(sends_of(spans, "every-2s"), key=lambda s: s["start_ns"])
+    daily = sends_of(spans, "daily")
+    assert len(daily) == 1, log
+    send_times = [s["start_ns"] / 1e9 for s in every]
+
+    late = stream(points, "celery.beat.lateness", "every-2s")
+    assert late["count"] == len(every)
+    first_late = send_times[0] - (last_run["every-2s"] + 2)
+    bounds, buckets = late["bounds"], late["buckets"]
+    on_time = sum(c for b, c in zip(bounds + [float("inf")], buckets) if b <= 1)
+    assert on_time == len(every) - 1, (bounds, buckets)
+    assert late["sum"] == pytest.approx(first_late, abs=(len(every) - 1) * 1.0 + 0.2)
+
+    sent = daily[0]["start_ns"] / 1e9
+    daily_late = stream(points, "celery.beat.lateness", "daily")
+    assert daily_late["count"] == 1
+    assert daily_late["sum"] == pytest.approx(sent - next_fire_after(last_run["daily"], at), abs=0.2)
+    assert daily_late["sum"] > 86400  # two days ago's run came due a day and more ago
+
+    last_send = stream(points, "celery.beat.last_send_time", "every-2s")["value"]
+    assert last_send == pytest.approx(send_times[-1], abs=0.2)
+    assert stream(points, "celery.beat.next_run_time", "every-2s")["value"] == pytest.approx(last_send + 2, abs=0.2)
+    assert stream(points, "celery.beat.last_send_time", "daily")["value"] == pytest.approx(sent, abs=0.2)
+    assert stream(points, "celery.beat.next_run_time", "daily")["value"] == pytest.approx(
+        next_fire_after(sent, at), abs=1.0)
+
+
+def sends_of(spans: list[dict], entry: str) -> list[dict]:
+    return [s for s in spans if s["kind"] == "PRODUCER" and s["attributes"].get("celery.beat.entry") == entry]
