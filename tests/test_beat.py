@@ -17,7 +17,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tests.support.file_exporter import read_spans
-from tests.support.metric_file import latest, read_points
+from tests.support.metric_file import latest, read_points, total
+from tests.support.prefork import prefork_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 TZ = "Asia/Kolkata"  # UTC+05:30: a half-hour offset shows any UTC/local mix-up
@@ -42,8 +43,7 @@ def next_fire_after(moment: float, at: tuple[int, int]) -> float:
 
 
 def run_beat(redis_url: str, tmp_path: Path, scheduler: str, last_run: dict[str, float],
-             at: tuple[int, int]):
-    queue = f"beat-{uuid.uuid4().hex[:8]}"
+             at: tuple[int, int], queue: str):
     span_file, metric_file = tmp_path / "spans.jsonl", tmp_path / "metrics.jsonl"
     env = dict(
         os.environ, BROKER_URL=redis_url, QUEUE=queue, SPAN_FILE=str(span_file),
@@ -95,7 +95,13 @@ def test_lateness_next_run_and_last_send_per_entry(redis_url, tmp_path, schedule
     next run is 2 s after the last send and the crontab's next time of day, last send is the last send's time."""
     now, at = time.time(), daily_at()
     last_run = {"every-2s": now - 62, "daily": now - 2 * 86400}
-    spans, points, log = run_beat(redis_url, tmp_path, scheduler, last_run, at)
+    with prefork_worker(redis_url, tmp_path, metrics=True) as worker:
+        spans, points, log = run_beat(redis_url, tmp_path, scheduler, last_run, at, worker.queue)
+        sent = len(sends_of(spans, "every-2s")) + 1
+        processed = worker.wait_spans(lambda found: len(consumers(found)) == sent and consumers(found))
+        worker.stop()  # its last export counts every delivery
+        worker_points = worker.metric_points()
+    check_worker(spans, processed, worker_points)
 
     every = sorted(sends_of(spans, "every-2s"), key=lambda s: s["start_ns"])
     daily = sends_of(spans, "daily")
@@ -122,6 +128,27 @@ def test_lateness_next_run_and_last_send_per_entry(redis_url, tmp_path, schedule
     assert stream(points, "celery.beat.last_send_time", "daily")["value"] == pytest.approx(sent, abs=0.2)
     assert stream(points, "celery.beat.next_run_time", "daily")["value"] == pytest.approx(
         next_fire_after(sent, at), abs=1.0)
+
+
+def consumers(spans: list[dict]) -> list[dict]:
+    return [s for s in spans if s["kind"] == "CONSUMER"]
+
+
+def check_worker(sends: list[dict], processed: list[dict], points: list[dict]) -> None:
+    """Each process span names the entry its publish did, in the publish's trace; the
+    worker's delivery metrics count each entry's runs under its name."""
+    by_id = {s["attributes"]["messaging.message.id"]: s for s in sends if s["kind"] == "PRODUCER"}
+    for span in processed:
+        send = by_id[span["attributes"]["messaging.message.id"]]
+        assert span["trace_id"] == send["trace_id"] and span["parent_id"] == send["span_id"]
+        assert span["attributes"]["celery.beat.entry"] == send["attributes"]["celery.beat.entry"]
+    for entry in ("every-2s", "daily"):
+        runs = len(sends_of(sends, entry))
+        for name in ("messaging.client.consumed.messages", "messaging.process.duration",
+                     "celery.message.queue_time"):
+            assert total(points, name, **{"celery.beat.entry": entry, "celery.task.state": "SUCCESS"}
+                         if name != "celery.message.queue_time" else {"celery.beat.entry": entry}) == runs, name
+    assert total(points, "messaging.client.consumed.messages") == len(processed)
 
 
 def sends_of(spans: list[dict], entry: str) -> list[dict]:

@@ -79,11 +79,16 @@ def start_attributes(system: str, operation: str, destination: str, task: str) -
     }
 
 def metric_attributes(
-    system: str, operation: str, task: str, destination: str | None = None
+    system: str,
+    operation: str,
+    task: str,
+    destination: str | None = None,
+    beat_entry: str | None = None,
 ) -> dict[str, Any]:
     """What every point of our publish and delivery metrics carries (a new dict: the
     caller adds the outcome to it). No destination for a publish that failed before
-    its message was routed."""
+    its message was routed; the beat entry of a delivery `celery beat` sent (bounded:
+    the schedule's entries)."""
     found: dict[str, Any] = {
         MESSAGING_SYSTEM: system,
         MESSAGING_OPERATION_NAME: operation,
@@ -91,6 +96,8 @@ def metric_attributes(
     }
     if destination is not None:
         found[MESSAGING_DESTINATION_NAME] = destination
+    if beat_entry is not None:
+        found[CELERY_BEAT_ENTRY] = beat_entry
     return found
 
 

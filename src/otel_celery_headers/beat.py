@@ -42,6 +42,13 @@ from . import attributes as attrs
 from ._guard import report
 from .metrics import histogram
 
+#: On a message `celery beat` sent: the schedule entry's name, so the worker's span and
+#: delivery metrics can say which entry a task came from (Celery's own
+#: ``celery_beat_task`` header, 5.5+, says only that beat sent it).
+ENTRY_HEADER = "otel_celery_beat_entry"
+#: Entry names are configuration, but a header is input: long ones are cut.
+_MAX_ENTRY_CHARS = 200
+
 LATENESS = "celery.beat.lateness"
 NEXT_RUN_TIME = "celery.beat.next_run_time"
 LAST_SEND_TIME = "celery.beat.last_send_time"
@@ -56,6 +63,15 @@ def _entry_attributes(entry: Any) -> dict[str, str]:
         attrs.CELERY_BEAT_ENTRY: str(entry.name),
         attrs.CELERY_TASK_NAME: str(getattr(entry, "task", "") or ""),
     }
+
+
+def entry_of(request: Any) -> str | None:
+    """The beat entry a delivery came from (``task.request`` or message headers read as
+    attributes, where Celery puts top-level headers); None for any other message."""
+    value = getattr(request, ENTRY_HEADER, None)
+    if type(value) is not str:
+        return None
+    return value if len(value) <= _MAX_ENTRY_CHARS else value[:_MAX_ENTRY_CHARS]
 
 
 def lateness(entry: Any) -> float | None:

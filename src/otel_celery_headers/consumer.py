@@ -28,6 +28,7 @@ from . import endings, fanin, lifecycle
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
+from .beat import entry_of
 from .carrier import SENT_AT_HEADER, own_header
 from .fanin import ChordPart
 from .inbound import (
@@ -156,7 +157,7 @@ class Consumer:
             endings.starting()
         if eager or self._counting:
             metric_attributes = attrs.metric_attributes(
-                system, attrs.OPERATION_PROCESS, name, destination
+                system, attrs.OPERATION_PROCESS, name, destination, entry_of(request)
             )
 
         if excluded:
@@ -241,6 +242,8 @@ class Consumer:
             into[attrs.CELERY_TASK_EAGER] = True
         if shape != "child":
             into[attrs.CELERY_TRACE_SHAPE] = shape
+        if (entry := entry_of(request)) is not None:
+            into[attrs.CELERY_BEAT_ENTRY] = entry
         if waited is None and not eager:
             # Where we write it (the top level: the Context's own attributes), without
             # a call; own_header() also looks where an eager apply(headers=) puts it.

@@ -63,6 +63,7 @@ from . import attributes as attrs
 from . import endings
 from ._guard import report
 from ._outcome import unwrap
+from .beat import entry_of
 from .delivery_metrics import DeliveryMetrics
 from .inbound import destination_of, extract, queue_time, relate
 from .mainprocess import MainProcessSpans
@@ -339,7 +340,9 @@ class Deliveries:
         delivery.inbound = extract(headers)
         waited = queue_time(headers)
         if waited is not None:
-            self._metrics.accepted(*self._facts(request), waited, delivery.inbound)
+            self._metrics.accepted(
+                *self._facts(request), waited, delivery.inbound, entry_of(headers)
+            )
 
     def _finish(self, request: Any, outcome: Outcome) -> None:
         delivery = _delivery(request)
@@ -371,7 +374,8 @@ class Deliveries:
         seconds = None if delivery.started is None else max(0.0, now - delivery.started)
         inbound = delivery.inbound if delivery.inbound is not None else Context()
         self._metrics.finished(
-            name, system, destination, outcome.state, outcome.error, seconds, span, inbound
+            name, system, destination, outcome.state, outcome.error, seconds, span, inbound,
+            entry_of(headers),
         )
 
     def _message_outcome(
@@ -397,7 +401,10 @@ class Deliveries:
                 state=state, delivery=delivery, failure=failure,
             )
             destination = destination_of(delivery)
-            self._metrics.finished(name, system, destination, state, failure, None, span, Context())
+            self._metrics.finished(
+                name, system, destination, state, failure, None, span, Context(),
+                entry_of(headers),
+            )
         except Exception as exc:  # noqa: BLE001
             report(f"task {state.lower()}", exc)
 

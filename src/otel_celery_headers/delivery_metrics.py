@@ -31,11 +31,19 @@ class DeliveryMetrics:
         return self._instruments.recording()
 
     def accepted(
-        self, name: str, system: str, destination: str, waited: float, inbound: Context
+        self,
+        name: str,
+        system: str,
+        destination: str,
+        waited: float,
+        inbound: Context,
+        beat_entry: str | None = None,
     ) -> None:
         """Time in queue of a delivery a pool process started."""
         context = inbound if self._options.for_task(name)[1] == "child" else _NO_EXEMPLAR
-        attributes = attrs.metric_attributes(system, attrs.OPERATION_PROCESS, name, destination)
+        attributes = attrs.metric_attributes(
+            system, attrs.OPERATION_PROCESS, name, destination, beat_entry
+        )
         self._instruments.waited(waited, attributes, context)
 
     def finished(
@@ -48,10 +56,11 @@ class DeliveryMetrics:
         seconds: float | None,
         span: Span | None,
         inbound: Context,
+        beat_entry: str | None = None,
     ) -> None:
         """One delivery; ``seconds`` None for one that never started."""
         metric_attributes = attrs.metric_attributes(
-            system, attrs.OPERATION_PROCESS, name, destination
+            system, attrs.OPERATION_PROCESS, name, destination, beat_entry
         )
         metric_attributes[attrs.CELERY_TASK_STATE] = state
         if error is not None:

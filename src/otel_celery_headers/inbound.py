@@ -17,6 +17,7 @@ from opentelemetry.trace import INVALID_SPAN, Link
 
 from . import attributes as attrs
 from ._guard import report
+from .beat import entry_of
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
     REQUEST_GETTER,
@@ -66,6 +67,9 @@ def request_attributes(request: Any, into: dict[str, Any]) -> None:
             into[attr] = value
     retries = getattr(request, "retries", 0)
     into[attrs.CELERY_TASK_RETRIES] = retries if isinstance(retries, int) else 0
+    entry = entry_of(request)
+    if entry is not None:
+        into[attrs.CELERY_BEAT_ENTRY] = entry
 
 
 def destination_of(delivery_info: Any) -> str:

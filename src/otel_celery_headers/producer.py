@@ -48,7 +48,7 @@ from .carrier import (
     drop_fields,
     span_ref,
 )
-from .beat import BeatMonitor
+from .beat import ENTRY_HEADER, BeatMonitor
 from .consumer import publishing_from
 from .fanin import ChordPart
 from .metrics import Instruments
@@ -342,6 +342,9 @@ class Producer:
         if isinstance(baggage, str) and len(baggage) > self._options.max_baggage_bytes:
             self._bound_baggage(headers, baggage)
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
+        entry = _beat_entry.get()
+        if entry is not None:
+            headers[ENTRY_HEADER] = entry
         source = publishing_from()
         if source is not None:
             self._inject_relations(headers, facts, *source)

@@ -24,6 +24,10 @@ def register(app: Celery) -> SimpleNamespace:
         with body_tracer.start_as_current_span("add-body"):
             return x + y
 
+    @task(name="beat.tick")  # what tests/support/beat_app.py's entries send
+    def beat_tick(entry: str) -> str:
+        return entry
+
     @task(name="t.fail")
     def fail() -> None:
         raise ValueError("boom")
