@@ -58,3 +58,37 @@ def test_malformed_or_non_string_traceparent_starts_a_new_trace(env, exporter, v
     assert span.parent is None
     assert seen["trace_id"] == format(trace_id(span), "032x") != TRACE
     assert seen["baggage"] == {}
+
+
+# -- the main process's exemplar context (inbound.exemplar_context) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"traceparent": TP}, (int(TRACE, 16), int(PARENT, 16), 1)),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-00"}, (int(TRACE, 16), int(PARENT, 16), 0)),
+        ({"headers": {"traceparent": TP}}, (int(TRACE, 16), int(PARENT, 16), 1)),
+        ({"traceparent": TP.upper()}, None),  # W3C ids are lowercase hex
+        ({"traceparent": f"00-{'0' * 32}-{PARENT}-01"}, None),
+        ({"traceparent": f"00-{TRACE}-{'0' * 16}-01"}, None),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-01-extra"}, None),
+        ({"traceparent": f"00-{TRACE[:-1]}_-{PARENT}-01"}, None),  # int() would take "_"
+        ({"traceparent": 7}, None),
+        ({}, None),
+    ],
+    ids=["sampled", "unsampled", "custom-headers", "uppercase", "zero-trace", "zero-span",
+         "trailing", "underscore", "not-a-string", "absent"],
+)
+def test_exemplar_context_is_the_producers_span_or_none(headers, expected):
+    """The main process's exemplar context names exactly the producer's span of a valid traceparent, and no span otherwise."""
+    from opentelemetry import trace
+
+    from otel_celery_headers.inbound import exemplar_context
+
+    span_context = trace.get_current_span(exemplar_context(SimpleNamespace(**headers))).get_span_context()
+    if expected is None:
+        assert not span_context.is_valid
+    else:
+        assert (span_context.trace_id, span_context.span_id, int(span_context.trace_flags)) == expected
+        assert span_context.is_remote

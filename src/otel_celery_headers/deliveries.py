@@ -65,7 +65,7 @@ from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import DeliveryMetrics
-from .inbound import destination_of, extract, queue_time, relate
+from .inbound import destination_of, exemplar_context, extract, queue_time, relate
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
@@ -76,7 +76,7 @@ _ATTR = "_otel_celery_delivery"
 @dataclass(slots=True)
 class _Delivery:
     started: float | None = None  # monotonic, when a pool process accepted it
-    inbound: Context | None = None  # the producer's context, extracted once
+    exemplar: Context | None = None  # the producer's span only (inbound.exemplar_context)
     done: bool = False
     # What Celery did while on_failure / on_timeout ran:
     requeued: bool = False
@@ -214,9 +214,8 @@ class Deliveries:
 
     def _activate(self, request: Any, delivery: _Delivery) -> Token[Context] | None:
         try:
-            inbound = delivery.inbound
-            if inbound is None:
-                inbound = extract(_Headers(request.request_dict))
+            # The whole context (baggage too): what the task's own code would publish with.
+            inbound = extract(_Headers(request.request_dict))
             base, _, _ = relate(inbound, self._options.for_task(str(request.task.name))[1])
             return otel_context.attach(base)
         except Exception as exc:  # noqa: BLE001
@@ -337,11 +336,11 @@ class Deliveries:
             # headers are not read (a failure's context is extracted when needed).
             return
         headers = _Headers(request.request_dict)
-        delivery.inbound = extract(headers)
+        delivery.exemplar = exemplar_context(headers)
         waited = queue_time(headers)
         if waited is not None:
             self._metrics.accepted(
-                *self._facts(request), waited, delivery.inbound, entry_of(headers)
+                *self._facts(request), waited, delivery.exemplar, entry_of(headers)
             )
 
     def _finish(self, request: Any, outcome: Outcome) -> None:
@@ -372,7 +371,7 @@ class Deliveries:
         if not recording:
             return
         seconds = None if delivery.started is None else max(0.0, now - delivery.started)
-        inbound = delivery.inbound if delivery.inbound is not None else Context()
+        inbound = delivery.exemplar if delivery.exemplar is not None else Context()
         self._metrics.finished(
             name, system, destination, outcome.state, outcome.error, seconds, span, inbound,
             entry_of(headers),

@@ -7,13 +7,14 @@ the child's CONSUMER span (consumer.py) and the main process's spans (mainproces
 from __future__ import annotations
 
 import math
+import re
 import time
 from datetime import datetime
 from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, Link
+from opentelemetry.trace import INVALID_SPAN, Link, NonRecordingSpan, SpanContext, TraceFlags
 
 from . import attributes as attrs
 from ._guard import report
@@ -54,6 +55,36 @@ def extract(carrier: object) -> Context:
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()
+
+
+# W3C trace context, version 00, lowercase hex (what the SDK's propagator accepts).
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def exemplar_context(carrier: object) -> Context:
+    """A Context holding the producer's span, for a metric exemplar and nothing else.
+
+    The worker's main process records the delivery metrics of every task, on one
+    thread for the whole pool, and needs the producer's span only to point the
+    histograms' exemplars at the task's trace. A full ``propagate.extract`` (the
+    composite propagator, its regular expressions, baggage) was the largest single
+    cost there (issue 18); our ``traceparent`` alone names the span. A message without
+    one (another propagator, such as B3) is extracted in full, as before; a malformed
+    one gives no exemplar. Never a context to run code in: it has no baggage.
+    """
+    found = REQUEST_GETTER.get(carrier, "traceparent")
+    if found is None:
+        return extract(carrier)
+    match = _TRACEPARENT.fullmatch(found[0])
+    if match is None:
+        return Context()
+    trace_id, span_id, flags = match.groups()
+    span_context = SpanContext(
+        int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16) & 0x01)
+    )
+    if not span_context.is_valid:  # all-zero ids
+        return Context()
+    return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
 
 
 _FROM_REQUEST = (*attrs.MESSAGE_FACTS, ("hostname", attrs.CELERY_WORKER_HOSTNAME))
