@@ -63,7 +63,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -149,6 +153,48 @@ class DroppingExporter(SpanExporter):
         return True
 
 
+class DroppingMetricExporter(MetricExporter):
+    """Drops every metric export (after the SDK has collected it)."""
+
+    def __init__(self) -> None:
+        super().__init__(preferred_temporality={})
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **_: Any) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **_: Any) -> None:
+        pass
+
+
+class SharedCountingExporter(SpanExporter):
+    """Drops every span and counts them in memory shared with forked pool children
+    (made before the fork), so a prefork worker's main process can report the total."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._count = multiprocessing.RawValue("q", 0)
+        self._lock = multiprocessing.Lock()
+
+    @property
+    def exported(self) -> int:
+        return int(self._count.value)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            self._count.value += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
 def make_sampler(spec: str) -> Sampler:
     """``always_on``, ``parent_off`` or ``ratio:<fraction>`` as an SDK sampler."""
     if spec == "always_on":
@@ -172,7 +218,7 @@ class Telemetry:
     """TracerProviders (one per sampler, batching into one dropping exporter) and one
     SDK MeterProvider. ``tracer_provider`` is the one of ``sampler``, the default."""
 
-    exporter: DroppingExporter = field(default_factory=DroppingExporter)
+    exporter: DroppingExporter | SharedCountingExporter = field(default_factory=DroppingExporter)
     sampler: str = "always_on"
     metric_reader: InMemoryMetricReader = field(default_factory=InMemoryMetricReader)
     meter_provider: MeterProvider = field(init=False)
@@ -180,9 +226,18 @@ class Telemetry:
     #: The BatchSpanProcessor's schedule. Its thread wakes by the clock, and under
     #: callgrind (about 50x slower) a timed schedule would land inside the counted loops.
     export_delay_ms: int = 5000
+    #: If set, metrics are also collected and exported (to nowhere) this often, as an
+    #: SDK MeterProvider behind an OTLP exporter would: collection is part of the cost.
+    metric_export_ms: int | None = None
 
     def __post_init__(self) -> None:
-        self.meter_provider = MeterProvider(metric_readers=[self.metric_reader])
+        readers: list[Any] = [self.metric_reader]
+        if self.metric_export_ms is not None:
+            from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+            readers.append(PeriodicExportingMetricReader(
+                DroppingMetricExporter(), export_interval_millis=self.metric_export_ms))
+        self.meter_provider = MeterProvider(metric_readers=readers)
 
     @property
     def tracer_provider(self) -> TracerProvider:
@@ -478,12 +533,39 @@ class Tally:
     extra: Callable[[], dict[str, Any]] = dict
     done: int = 0
     first: float = 0.0
+    #: Set by ``share()``: the count lives in memory shared with forked pool children.
+    _shared: Any = None
+    _lock: Any = None
 
     def expect(self, expected: int, report_key: str,
                extra: Callable[[], dict[str, Any]] = dict) -> None:
         self.expected = expected
         self.report_key = report_key
         self.extra = extra
+
+    def share(self) -> None:
+        """Count across a prefork pool: call before the pool forks (the children
+        inherit the shared memory and its lock). ``perf_counter`` is the system's
+        monotonic clock on Linux, the same in every process."""
+        import multiprocessing
+
+        self._shared = multiprocessing.RawArray("d", 2)  # done, first
+        self._lock = multiprocessing.Lock()
+
+    def count(self) -> float | None:
+        """One execution; the seconds from the first start to now if it was the expected last."""
+        now = time.perf_counter()
+        if self._shared is None:
+            if self.done == 0:
+                self.first = now
+            self.done += 1
+            return now - self.first if self.done == self.expected else None
+        with self._lock:
+            shared = self._shared
+            if shared[0] == 0:
+                shared[1] = now
+            shared[0] += 1
+            return now - shared[1] if shared[0] == self.expected else None
 
 
 def counting_task(app: Any, name: str, tally: Tally) -> Any:
@@ -496,14 +578,11 @@ def counting_task(app: Any, name: str, tally: Tally) -> Any:
     """
 
     def count(i: int) -> int:
-        if tally.done == 0:
-            tally.first = time.perf_counter()
-        tally.done += 1
-        if tally.done == tally.expected:
-            seconds = time.perf_counter() - tally.first
+        seconds = tally.count()
+        if seconds is not None:
             import redis
 
-            report = {"tasks": tally.done, "seconds": seconds, **tally.extra()}
+            report = {"tasks": tally.expected, "seconds": seconds, **tally.extra()}
             client = redis.Redis.from_url(app.conf.broker_url)
             client.rpush(tally.report_key, json.dumps(report))
         return i
@@ -512,10 +591,10 @@ def counting_task(app: Any, name: str, tally: Tally) -> Any:
     return app.task(name=name)(count)
 
 
-def run_solo_worker(app: Any, queue: str) -> None:
-    """Consume ``queue`` in this process with a solo worker until SIGTERM."""
+def run_solo_worker(app: Any, queue: str, pool: str = "solo", concurrency: int = 1) -> None:
+    """Consume ``queue`` with a worker in this process (solo unless told) until SIGTERM."""
     app.worker_main([
-        "worker", "--pool", "solo", "--concurrency", "1", "--queues", queue,
+        "worker", "--pool", pool, "--concurrency", str(concurrency), "--queues", queue,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--loglevel", "WARNING", "--hostname", f"{queue}@localhost",
     ])
