@@ -215,6 +215,7 @@ def test_dashboard_and_alerts_against_a_real_prometheus(redis_url, tmp_path, pro
             # windows end on a sample of A's series.
             (at,) = prom.values(f'timestamp(up{{instance="127.0.0.1:{ports["a"]}"}})', ()).values()
 
+            check_names(prom, at)
             check_panels(prom, at, hosts, work_q, backlog_q)
             check_alerts(prom, at, hosts, work_q, backlog_q)
 
@@ -284,6 +285,25 @@ def check_panels(prom: Prometheus, at: float, hosts: dict[str, str], work_q: str
         ("t.die", LOST): 1, ("t.stuck", TIME_LIMIT): 1}
     assert ask("Workers that stopped reporting", ("job", host)) == {}
     assert checked == set(queries), "a panel without a check"
+
+
+def check_names(prom: Prometheus, at: float) -> None:
+    """The series names and labels docs/dashboards.md lists, as the worker exports them."""
+    ours = f'{{job="{JOB}", __name__=~"messaging_.+|celery_.+"}}'
+    histograms = [f"{name}_seconds_{part}" for name in ("messaging_process_duration", "celery_message_queue_time")
+                  for part in ("bucket", "sum", "count")]
+    assert set(prom.values(f"count by (__name__) ({ours})", "__name__", at)) == {
+        "messaging_client_consumed_messages_total", *histograms, "celery_worker_tasks_active",
+        "celery_worker_tasks_reserved", "celery_worker_pool_size", "celery_queue_length"}
+    delivery = {"celery_task_name", "messaging_destination_name", "messaging_operation_name", "messaging_system"}
+    for row in prom.query(f'{{job="{JOB}", __name__=~"messaging_.+"}}', at):
+        labels = set(row["metric"])
+        assert delivery <= labels, row
+        if row["metric"]["__name__"].startswith("messaging_client_consumed"):
+            assert "celery_task_state" in labels, row
+            assert ("error_type" in labels) == (row["metric"]["celery_task_state"] == "FAILURE"), row
+    for row in prom.query(f'{{job="{JOB}", __name__=~"celery_worker_.+|celery_queue_length"}}', at):
+        assert "celery_worker_hostname" in row["metric"], row
 
 
 def check_alerts(prom: Prometheus, at: float, hosts: dict[str, str], work_q: str, backlog_q: str) -> None:
