@@ -29,7 +29,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from celery import Celery
 
@@ -100,6 +99,7 @@ def panel_queries() -> dict[str, list[str]]:
                 expr = expr.replace(variable, value)
             assert "$" not in expr, expr
             exprs.append(expr)
+        assert panel["title"] not in found, panel["title"]
         found[panel["title"]] = exprs
     return found
 

@@ -138,8 +138,8 @@ def _variable(name: str, label: str, query: str) -> dict[str, Any]:
     return {
         "name": name, "label": label, "type": "query",
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
-        "query": {"query": query, "refId": f"{name}-values"},
-        "definition": query, "refresh": 2, "sort": 1,
+        # A plain string, as celery-mixin's: what every Grafana version reads.
+        "query": query, "definition": query, "refresh": 2, "sort": 1,
         "multi": True, "includeAll": True, "allValue": ".*",
         "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
     }
