@@ -327,6 +327,7 @@ def check_alerts(prom: Prometheus, at: float, work_q: str, backlog_q: str) -> No
     # t.stuck appeared at 1 and stayed there: a rate of 0 over 0, no ratio.
     assert firing("CeleryTaskFailureRatioHigh", task) == {(JOB, "t.work")}
     assert firing("CeleryPoolChildLost", task) == {(JOB, "t.die")}
+    assert firing("CeleryTaskHardTimeLimit", task) == {(JOB, "t.stuck")}
     assert firing("CeleryQueueBacklog", queue) == {(JOB, backlog_q)}
     # Nothing waited a minute; without the threshold, the quantile is there for the queue.
     assert firing("CeleryQueueTimeHigh", queue) == set()
