@@ -207,3 +207,13 @@ def test_instrument_in_child_sample_instruments_each_pool_child_only() -> None:
     """docs_src/deployment/instrument_in_child.py instruments nothing at import, and
     instruments the process once worker_process_init is sent (as in each pool child)."""
     assert _run_sample("in_child") == {"app": "proj", "before": False, "after": True}
+
+
+def test_quick_start_command_lines_name_the_samples_apps() -> None:
+    """Each quick start's `celery -A ...` resolves (as Celery resolves it) to the sample's
+    Celery app, and its web command to the sample's web app."""
+    assert _run_sample("commands") == {
+        "fastapi worker": "Celery shop", "fastapi web": "FastAPI",
+        "flask worker": "Celery shop", "flask web": "Flask",
+        "django worker": "Celery proj", "django web": "runserver",
+    }

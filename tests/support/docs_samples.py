@@ -1,6 +1,6 @@
 """Runs one documentation sample in a process of its own and prints its spans as JSON.
 
-``python -m tests.support.docs_samples fastapi|flask|django|in_code|in_child``. A process per
+``python -m tests.support.docs_samples fastapi|flask|django|in_code|in_child|commands``. A process per
 sample because each one sets process-wide state the test session must not inherit:
 the instrumentor (a singleton), Django's settings, the sample's module names.
 
@@ -14,7 +14,9 @@ envs), a solo worker runs the task on the broker in ``CELERY_BROKER_URL``.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import os
 import logging
 import runpy
 import sys
@@ -124,6 +126,39 @@ def run_in_child() -> dict[str, Any]:
     return {"app": sample["app"].main, "before": before, "after": after}
 
 
+def run_commands() -> dict[str, Any]:
+    """What the quick starts' command lines name: ``celery -A X`` resolves, as Celery
+    resolves it, to the sample's Celery app; the web server's target to the web app."""
+    import shlex
+
+    from celery.app.utils import find_app
+
+    found: dict[str, Any] = {}
+    for kind, where in (("fastapi", "quickstart"), ("flask", "quickstart"),
+                        ("django", "quickstart/django")):
+        sys.path.insert(0, str(DOCS_SRC / where))
+        for line in (DOCS_SRC / "quickstart" / f"{kind}.sh").read_text().splitlines():
+            words = shlex.split(line)
+            if words[:2] == ["export", "DJANGO_SETTINGS_MODULE=proj.settings"]:
+                os.environ["DJANGO_SETTINGS_MODULE"] = "proj.settings"
+            elif words[:1] == ["opentelemetry-instrument"] and words[1] == "celery":
+                app = find_app(words[words.index("-A") + 1])
+                found[f"{kind} worker"] = f"{type(app).__name__} {app.main}"
+            elif words[:2] == ["opentelemetry-instrument", "uvicorn"]:
+                module, _, attr = words[2].partition(":")
+                found[f"{kind} web"] = type(getattr(importlib.import_module(module), attr)).__name__
+            elif words[:2] == ["opentelemetry-instrument", "flask"]:
+                from flask.cli import locate_app
+
+                found[f"{kind} web"] = type(locate_app(words[words.index("--app") + 1], None)).__name__
+            elif words[:3] == ["opentelemetry-instrument", "python", "manage.py"]:
+                found[f"{kind} web"] = (DOCS_SRC / where / "manage.py").is_file() and words[3]
+            else:
+                raise SystemExit(f"{kind}.sh: a line this check does not know: {line!r}")
+        sys.path.pop(0)
+    return found
+
+
 def _as_dict(span: Any) -> dict[str, Any]:
     return {
         "name": span.name,
@@ -136,6 +171,6 @@ def _as_dict(span: Any) -> dict[str, Any]:
 
 if __name__ == "__main__":
     which = sys.argv[1]
-    runs = {"in_code": run_in_code, "in_child": run_in_child}
+    runs = {"in_code": run_in_code, "in_child": run_in_child, "commands": run_commands}
     result = runs[which]() if which in runs else run_web(which)
     print("RESULT " + json.dumps(result))
