@@ -217,3 +217,25 @@ def test_quick_start_command_lines_name_the_samples_apps() -> None:
         "flask worker": "Celery shop", "flask web": "Flask",
         "django worker": "Celery proj", "django web": "runserver",
     }
+
+
+@pytest.mark.parametrize(("disabled", "instrumented"), [("", True), ("celery_headers", False)])
+def test_opentelemetry_instrument_loads_us_by_the_entry_point_the_docs_name(
+    disabled: str, instrumented: bool
+) -> None:
+    """`opentelemetry-instrument` instruments Celery through our `celery_headers` entry
+    point, and `OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=celery_headers` (configuration,
+    migrating) turns exactly us off."""
+    script = (
+        "from otel_celery_headers import CeleryHeadersInstrumentor as I; "
+        "print('INSTRUMENTED', I().is_instrumented_by_opentelemetry)"
+    )
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "opentelemetry-instrument"), sys.executable, "-c", script],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": disabled,
+             "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
+             "OTEL_LOGS_EXPORTER": "none"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"INSTRUMENTED {instrumented}" in proc.stdout.splitlines(), proc.stdout + proc.stderr
