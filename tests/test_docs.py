@@ -239,3 +239,40 @@ def test_opentelemetry_instrument_loads_us_by_the_entry_point_the_docs_name(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"INSTRUMENTED {instrumented}" in proc.stdout.splitlines(), proc.stdout + proc.stderr
+
+
+_DJANGO_PROJECT = ROOT / "docs_src" / "quickstart" / "django"
+_DJANGO_PROBE = (
+    "import proj, django.conf; proj.celery_app.loader.import_default_modules(); "
+    "print('TASKS', sorted(t for t in proj.celery_app.tasks if not t.startswith('celery.'))); "
+    "print('HOSTS', django.conf.settings.ALLOWED_HOSTS)"
+)
+
+
+def _instrumented(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """`opentelemetry-instrument <args>` in the Django quick start's project."""
+    environ = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    environ.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none",
+                   OTEL_LOGS_EXPORTER="none", **env)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "opentelemetry-instrument"), *args],
+        cwd=_DJANGO_PROJECT, env=environ, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_django_settings_module_not_exported_gives_the_misleading_errors() -> None:
+    """The README's Django warning, as a user meets it: without DJANGO_SETTINGS_MODULE in
+    the environment, Django's instrumentation loads empty settings, runserver stops on
+    ALLOWED_HOSTS and the Celery app finds no task; exported, both are right."""
+    runserver = _instrumented([sys.executable, "manage.py", "runserver", "--noreload"])
+    assert runserver.returncode == 1
+    assert "You must set settings.ALLOWED_HOSTS if DEBUG is False." in runserver.stderr
+    unset = _instrumented([sys.executable, "-c", _DJANGO_PROBE])
+    assert unset.returncode == 0, unset.stderr[-3000:]
+    assert unset.stdout.splitlines() == ["TASKS []", "HOSTS []"]
+    exported = _instrumented([sys.executable, "-c", _DJANGO_PROBE],
+                             DJANGO_SETTINGS_MODULE="proj.settings")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert exported.stdout.splitlines() == [
+        "TASKS ['send_receipt']", "HOSTS ['localhost', '127.0.0.1', 'testserver']"
+    ]
