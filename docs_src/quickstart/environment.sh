@@ -1,3 +1,2 @@
-export OTEL_SERVICE_NAME=shop
 export OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4318
 export OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf

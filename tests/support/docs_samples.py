@@ -139,6 +139,8 @@ def run_commands() -> dict[str, Any]:
         sys.path.insert(0, str(DOCS_SRC / where))
         for line in (DOCS_SRC / "quickstart" / f"{kind}.sh").read_text().splitlines():
             words = shlex.split(line)
+            while words and "=" in words[0] and words[0] != "export":
+                assert words.pop(0).startswith("OTEL_SERVICE_NAME="), line  # VAR=value prefix
             if words[:2] == ["export", "DJANGO_SETTINGS_MODULE=proj.settings"]:
                 os.environ["DJANGO_SETTINGS_MODULE"] = "proj.settings"
             elif words[:1] == ["opentelemetry-instrument"] and words[1] == "celery":
