@@ -22,8 +22,8 @@ DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 CONFIG_PAGE = DOCS / "reference" / "configuration.md"
 
-#: A fenced block: ```lang ... ```, the language and the body.
-_FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
+#: A fenced block: ```lang ... ```, the language and the body; also indented, in a list.
+_FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```$", re.M | re.S)
 _MARKER = re.compile(r"<!-- snippet: (\S+) -->\n```\w*\n(.*?)^```$", re.M | re.S)
 _INCLUDE = re.compile(r'--8<-- "([^"]+)"')
 
