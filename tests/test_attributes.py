@@ -1,4 +1,4 @@
-"""Span attributes the README promises, each checked for its exact value: eager mode,
+"""Span attributes the docs promise (docs/reference/spans.md), each checked for its exact value: eager mode,
 the conversation id of a workflow, and hooks given as ``module:function`` environment
 variables (in-process solo worker, Redis).
 

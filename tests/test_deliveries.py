@@ -97,7 +97,7 @@ def test_the_issues_eight_messages_are_eight_deliveries(redis_worker, exporter, 
         with pytest.raises(ValueError):
             failed.get(timeout=60)
         # A child exports its finished spans within child_flush_interval_ms (200 ms) of
-        # a task's end; one killed sooner takes them along (README, Nothing vanishes).
+        # a task's end; one killed sooner takes them along (docs/explanation/reliability.md, "Nothing vanishes").
         time.sleep(0.6)
         limited = t.sleep.apply_async((30,), time_limit=1)
         lost = t.die.delay()

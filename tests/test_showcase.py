@@ -6,7 +6,7 @@ waited for its eta, and a chord. Everything lands in the caller's trace: the kil
 task as an ERROR span from the worker's main process, the revoked task as a REVOKED
 span, the countdown task with a time in queue that excludes the countdown, and the
 chord body linked to each header task. The waterfall is printed (``pytest -s``) and
-written to ``$SHOWCASE_TRACE_FILE`` if set; README.md shows a captured one.
+written to ``$SHOWCASE_TRACE_FILE`` if set; docs/explanation/reliability.md shows a captured one.
 """
 
 from __future__ import annotations

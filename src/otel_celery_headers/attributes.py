@@ -69,7 +69,7 @@ def start_attributes(system: str, operation: str, destination: str, task: str) -
 
     What a sampling rule keys on (the broker, send or process, the queue, the task);
     every other attribute is set only on a span that records, so an unsampled message
-    does not pay for attributes nobody reads (see the README, "Attributes").
+    does not pay for attributes nobody reads (docs/reference/spans.md, "What a sampler sees").
     """
     return {
         MESSAGING_SYSTEM: system,
