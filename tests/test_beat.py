@@ -15,10 +15,13 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 
 from tests.support.file_exporter import read_spans
 from tests.support.metric_file import latest, read_points, total
 from tests.support.prefork import prefork_worker
+from tests.support.prometheus import prometheus_server
+from tests.support.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TZ = "Asia/Kolkata"  # UTC+05:30: a half-hour offset shows any UTC/local mix-up
@@ -42,14 +45,16 @@ def next_fire_after(moment: float, at: tuple[int, int]) -> float:
     return candidate.timestamp()
 
 
-def run_beat(redis_url: str, tmp_path: Path, scheduler: str, last_run: dict[str, float],
-             at: tuple[int, int], queue: str):
+def start_beat(redis_url: str, tmp_path: Path, scheduler: str, last_run: dict[str, float],
+               at: tuple[int, int], queue: str, **extra_env: str):
+    """A `celery beat` subprocess; its span and metric files, its process, its log path."""
     span_file, metric_file = tmp_path / "spans.jsonl", tmp_path / "metrics.jsonl"
     env = dict(
         os.environ, BROKER_URL=redis_url, QUEUE=queue, SPAN_FILE=str(span_file),
         METRIC_FILE=str(metric_file), METRIC_INTERVAL_MS="300", BEAT_TZ=TZ,
         SCHEDULER=scheduler, LAST_RUN=json.dumps(last_run), DAILY_AT=f"{at[0]:02d}:{at[1]:02d}",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **extra_env,
     )
     args = [sys.executable, "-m", "celery", "-A", "tests.support.beat_app", "beat",
             "--loglevel", "INFO", "--max-interval", "1", "-s", str(tmp_path / "schedule")]
@@ -60,19 +65,34 @@ def run_beat(redis_url: str, tmp_path: Path, scheduler: str, last_run: dict[str,
         args += ["-S", "django_celery_beat.schedulers:DatabaseScheduler"]
     elif scheduler == "redbeat":
         args += ["-S", "redbeat.RedBeatScheduler"]
-    log = open(tmp_path / "beat.log", "wb")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "beat.log", "wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return span_file, metric_file, proc, tmp_path / "beat.log"
+
+
+def stop_beat(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)  # beat exits; the SDK's atexit exports the last points
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def run_beat(redis_url: str, tmp_path: Path, scheduler: str, last_run: dict[str, float],
+             at: tuple[int, int], queue: str):
+    """Beat until every-2s was sent SENDS times; its spans, metric points and log."""
+    span_file, metric_file, proc, log_path = start_beat(
+        redis_url, tmp_path, scheduler, last_run, at, queue)
     try:
         deadline = time.monotonic() + 60
         while len(sends(span_file, "every-2s")) < SENDS:
-            assert proc.poll() is None, (tmp_path / "beat.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "beat.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)  # beat exits; the SDK's atexit exports the last points
-        proc.wait(30)
-        log.close()
-    return read_spans(span_file), read_points(metric_file), (tmp_path / "beat.log").read_text()
+        stop_beat(proc)
+    return read_spans(span_file), read_points(metric_file), log_path.read_text()
 
 
 def sends(span_file: Path, entry: str) -> list[dict]:
@@ -153,3 +173,38 @@ def check_worker(sends: list[dict], processed: list[dict], points: list[dict]) -
 
 def sends_of(spans: list[dict], entry: str) -> list[dict]:
     return [s for s in spans if s["kind"] == "PRODUCER" and s["attributes"].get("celery.beat.entry") == entry]
+
+
+def beat_alerts() -> dict[str, str]:
+    rules = yaml.safe_load((ROOT / "monitoring/prometheus/alerts.yaml").read_text())
+    group = next(g for g in rules["groups"] if g["name"] == "celery-beat")
+    return {rule["alert"]: rule["expr"] for rule in group["rules"]}
+
+
+def test_beat_alerts_on_a_real_prometheus(redis_url, tmp_path):
+    """The shipped beat alerts' expressions, asked of a real Prometheus scraping a real beat: an entry sent 90 s late
+    is late, nothing is missed while beat runs, and once beat stops the job is gone."""
+    expressions = beat_alerts()
+    port = free_port()
+    queue = f"beat-{uuid.uuid4().hex[:8]}"
+    with prometheus_server([f"127.0.0.1:{port}"]) as prometheus:
+        _, _, proc, log_path = start_beat(
+            redis_url, tmp_path, "default", {"every-2s": time.time() - 92}, daily_at(), queue,
+            PROM_PORT=str(port))
+        try:
+            prometheus.wait("count by (celery_beat_entry) (celery_beat_next_run_time_seconds)",
+                            "celery_beat_entry", {"every-2s": 1.0, "daily": 1.0}, timeout=60)
+            late = expressions["CeleryBeatEntryLate"]
+            prometheus.wait(late, "celery_beat_entry", {"every-2s": 1.0}, timeout=30)
+            # The on-time sends that follow stay below the 60 s bucket: still one late send.
+            prometheus.wait("sum by (celery_beat_entry) (celery_beat_lateness_seconds_count"
+                            "{celery_beat_entry='every-2s'}) >= bool 3", "celery_beat_entry",
+                            {"every-2s": 1.0}, timeout=30)
+            assert prometheus.values(late, "celery_beat_entry") == {"every-2s": 1.0}
+            assert prometheus.values(expressions["CeleryBeatEntryMissed"], "celery_beat_entry") == {}
+            assert prometheus.values(expressions["CeleryBeatGone"], "job") == {}
+        finally:
+            stop_beat(proc)
+        assert "Sending due task every-2s" in log_path.read_text()
+        gone = f"count by (job) ({expressions['CeleryBeatGone']})"
+        prometheus.wait(gone, "job", {"celery": 1.0}, timeout=30)

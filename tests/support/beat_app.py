@@ -1,7 +1,7 @@
 """App module for `celery -A tests.support.beat_app beat` subprocesses (tests/test_beat.py).
 
 Environment: BROKER_URL, QUEUE (where the entries' tasks go), SPAN_FILE, METRIC_FILE
-(every METRIC_INTERVAL_MS), BEAT_TZ (the app's timezone), DAILY_AT (HH:MM), SCHEDULER (``default``,
+(every METRIC_INTERVAL_MS; or PROM_PORT, for Prometheus to scrape), BEAT_TZ (the app's timezone), DAILY_AT (HH:MM), SCHEDULER (``default``,
 ``redbeat`` or ``django``; the last reads its entries from the database that
 DJANGO_SETTINGS_MODULE names, the others from ``beat_schedule`` below), and LAST_RUN
 (JSON: entry name -> seconds since the epoch): the schedule the test controls, set on
@@ -30,7 +30,18 @@ if SCHEDULER == "django":
     django.setup()
 
 global_provider("beat", schedule_delay_millis=200)
-global_meter_provider("beat")
+if os.environ.get("PROM_PORT"):
+    # The OpenTelemetry Prometheus exporter route (tests/test_monitoring.py's): a
+    # prometheus_client server Prometheus scrapes.
+    from opentelemetry import metrics
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+
+    start_http_server(port=int(os.environ["PROM_PORT"]), addr="127.0.0.1")
+    metrics.set_meter_provider(MeterProvider(metric_readers=[PrometheusMetricReader()]))
+else:
+    global_meter_provider("beat")
 app = subprocess_app("beat_app", timezone=os.environ.get("BEAT_TZ", "UTC"))
 QUEUE = os.environ.get("QUEUE", "celery")
 HOUR, MINUTE = (int(part) for part in os.environ.get("DAILY_AT", "03:00").split(":"))

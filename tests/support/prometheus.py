@@ -68,6 +68,22 @@ class Prometheus:
             time.sleep(0.2)
 
 
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Until /-/ready answers 200: the port opens before the TSDB is loaded, and queries
+    meanwhile answer 503."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise TimeoutError(f"Prometheus at {url} not ready after {timeout}s")
+        time.sleep(0.1)
+
+
 @contextmanager
 def prometheus_server(targets: list[str], scrape_interval: str = "500ms") -> Iterator[Prometheus]:
     """A Prometheus scraping ``targets`` (host:port) as job ``celery`` every ``scrape_interval``."""
@@ -87,6 +103,7 @@ def prometheus_server(targets: list[str], scrape_interval: str = "500ms") -> Ite
         )
     try:
         wait_for_port(port, 30, proc)
+        _wait_ready(f"http://127.0.0.1:{port}", proc, 60)
         yield Prometheus(f"http://127.0.0.1:{port}", proc, log)
     finally:
         proc.terminate()

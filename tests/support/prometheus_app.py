@@ -12,24 +12,17 @@ but run no thread that accepts on it, and forget their copy of our instruments
 from __future__ import annotations
 
 import os
+import runpy
 import time
+from pathlib import Path
 
 from celery import Celery
-from opentelemetry import metrics
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
-from prometheus_client import start_http_server
 
 from otel_celery_headers import CeleryHeadersInstrumentor
 
-start_http_server(port=int(os.environ["PROM_PORT"]), addr="127.0.0.1")
-metrics.set_meter_provider(
-    MeterProvider(
-        metric_readers=[PrometheusMetricReader()],
-        resource=Resource.create({"service.name": "celery-worker"}),
-    )
-)
+# The setup docs/dashboards.md shows, run as it is, on a loopback port.
+os.environ["METRICS_PORT"], os.environ["METRICS_ADDR"] = os.environ["PROM_PORT"], "127.0.0.1"
+runpy.run_path(str(Path(__file__).resolve().parents[2] / "docs_src/monitoring/prometheus_exporter.py"))
 
 app = Celery("prometheus_app", broker=os.environ["BROKER_URL"], backend=os.environ["BROKER_URL"])
 app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
