@@ -69,6 +69,12 @@ class InstrumentKwargs(TypedDict, total=False):
     child_flush_interval_ms: int
     chord_links: bool
     queue_length: bool
+    #: Globs of task names whose arguments are recorded on their spans (arguments.py).
+    record_arguments: str | Iterable[str]
+    #: Key patterns redacted on top of arguments.DEFAULT_REDACT.
+    redact_arguments: str | Iterable[str]
+    max_argument_chars: int
+    max_arguments_chars: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,14 @@ class Options:
     chord_links: bool = True
     #: A thread of the worker's main process reads celery.queue.length from the broker.
     queue_length: bool = True
+    #: Task-name globs whose args/kwargs go on both spans (never on metrics). Empty: off.
+    record_arguments: tuple[str, ...] = ()
+    #: Mapping-key patterns whose values are redacted, beside arguments.DEFAULT_REDACT.
+    redact_arguments: tuple[str, ...] = ()
+    #: Characters per rendered value before it is cut (and says so).
+    max_argument_chars: int = 256
+    #: Characters of celery.task.args and celery.task.kwargs together, per span.
+    max_arguments_chars: int = 2048
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -104,6 +118,23 @@ class Options:
             self._cache.clear()
         self._cache[name] = result
         return result
+
+
+class GlobMatcher:
+    """Whether a task name matches any of some globs; cached, the cache bounded."""
+
+    def __init__(self, globs: tuple[str, ...]) -> None:
+        self._globs = globs
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = any(fnmatch.fnmatchcase(name, glob) for glob in self._globs)
+            if len(self._cache) >= 4096:  # send_task() accepts any name
+                self._cache.clear()
+            self._cache[name] = hit
+        return hit
 
 
 def _resolve_shape(rule: ShapeRule, name: str) -> TraceShape:
@@ -290,6 +321,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("child_flush_interval_ms", _check_count, _parse_count),
     _Option("chord_links", _check_bool, _parse_bool),
     _Option("queue_length", _check_bool, _parse_bool),
+    _Option("record_arguments", _check_globs, _parse_globs),
+    _Option("redact_arguments", _check_globs, _parse_globs),
+    _Option("max_argument_chars", _check_count, _parse_count),
+    _Option("max_arguments_chars", _check_count, _parse_count),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with

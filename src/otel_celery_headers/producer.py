@@ -39,6 +39,7 @@ from . import attributes as attrs
 from . import fanin
 from ._guard import report
 from ._outcome import error_type, mark_failed
+from .arguments import Recorder
 from ._state import current_publish
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
@@ -92,6 +93,7 @@ class Producer:
         self._fields_of: TextMapPropagator | None = None
         self._fields: frozenset[str] = frozenset()
         self._baggage_warned = False
+        self._arguments = Recorder.of(options)
 
     # -- wrapt wrappers -------------------------------------------------------------
 
@@ -281,7 +283,9 @@ class Producer:
             facts = headers if "id" in headers or not isinstance(body, dict) else body
             publish: _Publish | None = current_publish.get()
             if publish is not None and publish.span is None:
-                self._open(publish, facts, routing_key or exchange or "")
+                span = self._open(publish, facts, routing_key or exchange or "")
+                if self._arguments is not None:
+                    self._arguments.record_body(span, publish.name, body)
             self._inject(headers, facts, publish)
             hook = self._options.publish_hook
             if hook is not None and publish is not None and publish.span is not None:
