@@ -52,6 +52,8 @@ SHAPES: tuple[TraceShape, ...] = ("child", "link", "ignore")
 PublishHook = Callable[["Span", str, Mapping[str, Any]], None]
 ProcessHook = Callable[["Span", Any], None]
 ShapeRule = TraceShape | Mapping[str, TraceShape] | Callable[[str], str]
+#: What metrics get for celery.worker.hostname: "keep", "drop", or hostname -> str.
+HostnameRule = Literal["keep", "drop"] | Callable[[str], str]
 
 
 class InstrumentKwargs(TypedDict, total=False):
@@ -75,6 +77,8 @@ class InstrumentKwargs(TypedDict, total=False):
     redact_arguments: str | Iterable[str]
     max_argument_chars: int
     max_arguments_chars: int
+    #: "keep", "drop", or a callable normalizing the node name on metric points.
+    metrics_worker_hostname: str | Callable[[str], str]
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class Options:
     max_argument_chars: int = 256
     #: Characters of celery.task.args and celery.task.kwargs together, per span.
     max_arguments_chars: int = 2048
+    #: celery.worker.hostname on metric points (health.py): kept, dropped, or the
+    #: callable's answer. Spans always keep it.
+    metrics_worker_hostname: HostnameRule = "keep"
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -263,6 +270,26 @@ def _import_callable(path: str) -> Callable[..., Any]:
     return _check_hook(target)
 
 
+def _check_hostname_rule(value: object) -> HostnameRule:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "keep":
+            return "keep"
+        if word == "drop":
+            return "drop"
+        raise ValueError("expected keep, drop, or a callable")
+    if callable(value):
+        return value  # its answer is checked when used (health.py)
+    raise TypeError("expected keep, drop, or a callable")
+
+
+def _parse_hostname_rule(text: str) -> HostnameRule:
+    """``keep``, ``drop`` or ``module:function``."""
+    if ":" in text:
+        return _import_callable(text)
+    return _check_hostname_rule(text)
+
+
 def _check_count(value: object) -> int:
     # bool is an int subclass: True would silently be 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -325,6 +352,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("redact_arguments", _check_globs, _parse_globs),
     _Option("max_argument_chars", _check_count, _parse_count),
     _Option("max_arguments_chars", _check_count, _parse_count),
+    _Option("metrics_worker_hostname", _check_hostname_rule, _parse_hostname_rule),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with
