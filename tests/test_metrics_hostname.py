@@ -28,6 +28,17 @@ def deployment(hostname: str) -> str:
     return f"{node}@{host.rsplit('-', 2)[0]}"
 
 
+class Counting:
+    """deployment(), counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, hostname: str) -> str:
+        self.calls += 1
+        return deployment(hostname)
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
     for key in list(os.environ):
@@ -102,7 +113,7 @@ def wait_until(predicate: Any, timeout: float = 20) -> Any:
 
 @pytest.mark.parametrize(("rule", "on_metrics"), [
     ("drop", None),
-    (deployment, "celery@orders"),
+    (Counting(), "celery@orders"),
 ])
 def test_in_process_worker_metrics_follow_the_rule_spans_keep_the_name(
     redis_url, monkeypatch, exporter, rule, on_metrics,
@@ -134,6 +145,8 @@ def test_in_process_worker_metrics_follow_the_rule_spans_keep_the_name(
                                   for s in r.scope_metrics for m in s.metrics} - set(HEALTH_METRICS)))
         assert others and all(HOSTNAME not in a for _, a in others)
         assert seen and attr(span, HOSTNAME) == seen
+        if isinstance(rule, Counting):  # once per worker, not per export
+            assert rule.calls == 1
     finally:
         instrumentor.uninstrument()
 

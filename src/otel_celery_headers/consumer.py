@@ -29,9 +29,10 @@ from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
 from .arguments import Recorder
-from .carrier import SENT_AT_HEADER, own_header
+from .carrier import SENT_AT_HEADER, TRACE_SHAPE_HEADER, own_header
 from .fanin import ChordPart
 from .inbound import (
+    asked_shape,
     destination_of,
     extract,
     previous_attempt,
@@ -124,6 +125,13 @@ class Consumer:
         request = task.request
         name: str = task.name
         excluded, shape = self._options.for_task(name)
+        if shape != "ignore":
+            # The publisher's choice for this message (scoped.trace_shape, a beat
+            # entry's headers) beats the per-task option, except "ignore": a context
+            # this worker does not trust cannot vouch for itself in a header.
+            asked = request.__dict__.get(TRACE_SHAPE_HEADER)
+            if asked is not None:
+                shape = asked_shape(asked, shape)
         eager = bool(request.is_eager)
         inbound = extract(request)
         if eager:

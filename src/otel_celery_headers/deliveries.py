@@ -64,7 +64,7 @@ from . import endings
 from ._guard import report
 from ._outcome import unwrap
 from .delivery_metrics import DeliveryMetrics
-from .inbound import destination_of, extract, queue_time, relate
+from .inbound import destination_of, extract, queue_time, relate, shape_of
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
@@ -213,10 +213,12 @@ class Deliveries:
 
     def _activate(self, request: Any, delivery: _Delivery) -> Token[Context] | None:
         try:
+            headers = _Headers(request.request_dict)
             inbound = delivery.inbound
             if inbound is None:
-                inbound = extract(_Headers(request.request_dict))
-            base, _, _ = relate(inbound, self._options.for_task(str(request.task.name))[1])
+                inbound = extract(headers)
+            shape = shape_of(self._options.for_task(str(request.task.name))[1], headers)
+            base, _, _ = relate(inbound, shape)
             return otel_context.attach(base)
         except Exception as exc:  # noqa: BLE001
             report("Request.on_failure context", exc)

@@ -79,6 +79,8 @@ class InstrumentKwargs(TypedDict, total=False):
     max_arguments_chars: int
     #: "keep", "drop", or a callable normalizing the node name on metric points.
     metrics_worker_hostname: str | Callable[[str], str]
+    #: Globs of task names published without a span of their own.
+    no_publish_span: str | Iterable[str]
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ class Options:
     #: celery.worker.hostname on metric points (health.py): kept, dropped, or the
     #: callable's answer. Spans always keep it.
     metrics_worker_hostname: HostnameRule = "keep"
+    #: Task-name globs published without a PRODUCER span: the caller's context is
+    #: injected, so the process span is the caller's child. Metrics still count them.
+    no_publish_span: tuple[str, ...] = ()
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -353,6 +358,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("max_argument_chars", _check_count, _parse_count),
     _Option("max_arguments_chars", _check_count, _parse_count),
     _Option("metrics_worker_hostname", _check_hostname_rule, _parse_hostname_rule),
+    _Option("no_publish_span", _check_globs, _parse_globs),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with
