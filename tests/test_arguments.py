@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -15,30 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.trace import SpanKind
 
-from otel_celery_headers import _guard, options
+from otel_celery_headers import options
 from otel_celery_headers.arguments import ARGS, KWARGS, Recorder, Redaction, Renderer
 from tests.conftest import METRICS, instrument, make_app, wait_for, worker
+from tests.support.fixtures import clean_environment, our_log  # noqa: F401 - fixtures
 from tests.support.spans import attr, one
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
 DEFAULT = Renderer(Redaction.of(()), 256, 2048)
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith(options.ENV_PREFIX):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def our_log(caplog):
-    """Records of the otel_celery_headers logger; the log-once memory starts empty."""
-    caplog.set_level(logging.DEBUG, logger="otel_celery_headers")
-    saved = _guard._seen
-    _guard._seen = set()
-    yield lambda: [r for r in caplog.records if r.name == "otel_celery_headers"]
-    _guard._seen = saved
 
 
 # -- rendering ------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -12,9 +10,10 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from opentelemetry.trace import SpanKind
 
-from otel_celery_headers import _guard, options
+from otel_celery_headers import options
 from otel_celery_headers.health import HEALTH_METRICS, worker_attributes
 from tests.conftest import METRICS, instrument, make_app, wait_for
+from tests.support.fixtures import clean_environment, our_log  # noqa: F401 - fixtures
 from tests.support.prefork import prefork_worker
 from tests.support.spans import attr, one
 
@@ -37,22 +36,6 @@ class Counting:
     def __call__(self, hostname: str) -> str:
         self.calls += 1
         return deployment(hostname)
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith(options.ENV_PREFIX):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def our_log(caplog):
-    caplog.set_level(logging.DEBUG, logger="otel_celery_headers")
-    saved = _guard._seen
-    _guard._seen = set()
-    yield lambda: [r for r in caplog.records if r.name == "otel_celery_headers"]
-    _guard._seen = saved
 
 
 def test_rule_values_and_validation(monkeypatch):

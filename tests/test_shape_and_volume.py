@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -18,28 +16,13 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from kombu.exceptions import EncodeError
 from opentelemetry.trace import SpanKind, StatusCode
 
-from otel_celery_headers import TRACE_SHAPE_HEADER, _guard, options, scoped, trace_shape
-from tests.conftest import instrument, make_app, wait_for, worker
+from otel_celery_headers import TRACE_SHAPE_HEADER, options, scoped, trace_shape
+from tests.conftest import make_app, wait_for, worker
+from tests.support.fixtures import clean_environment, instrumented_with, our_log  # noqa: F401 - fixtures
 from tests.support.spans import attr, by_message, one, parent_id, span_id, trace_id
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
 SHAPE = "celery.trace_shape"
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith(options.ENV_PREFIX):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def our_log(caplog):
-    caplog.set_level(logging.DEBUG, logger="otel_celery_headers")
-    saved = _guard._seen
-    _guard._seen = set()
-    yield lambda: [r for r in caplog.records if r.name == "otel_celery_headers"]
-    _guard._seen = saved
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +30,6 @@ def env(redis_url: str) -> Iterator[SimpleNamespace]:
     app, tasks = make_app(redis_url, task_default_queue="shape-volume")
     with worker(app, pool="threads"):
         yield SimpleNamespace(app=app, t=tasks)
-
-
-@pytest.fixture
-def instrumented_with():
-    made = []
-
-    def make(**kwargs):
-        made.append(instrument(**kwargs))
-
-    yield make
-    for instrumentor in made:
-        instrumentor.uninstrument()
 
 
 # -- trace_shape(): the context manager ------------------------------------------------
@@ -113,7 +84,6 @@ def test_retries_keep_the_shape_eager_calls_stay_in_the_caller_trace(env, export
         assert attempt.parent is None and attr(attempt, SHAPE) == "link"
     inline = one(exporter.get_finished_spans(), eager.id, C)
     assert parent_id(inline) == span_id(request) and attr(inline, SHAPE) is None
-
 
 
 @pytest.mark.parametrize("no_publish_span", [False, True])
