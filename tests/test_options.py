@@ -9,8 +9,9 @@ import os
 import pytest
 from opentelemetry.trace import SpanKind
 
-from otel_celery_headers import CeleryHeadersInstrumentor, InstrumentKwargs, _guard, options
+from otel_celery_headers import CeleryHeadersInstrumentor, InstrumentKwargs, options
 from tests.conftest import METER_PROVIDER, PROVIDER, make_app
+from tests.support.fixtures import clean_environment, our_log  # noqa: F401 - fixtures
 from tests.support.instrumentation import fully_instrumented, nothing_instrumented
 from tests.support.spans import parent_id, span_id, trace_id
 
@@ -23,23 +24,6 @@ def shape_of_len(name: str) -> str:
 
 
 not_callable = 42
-
-
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith(options.ENV_PREFIX):
-            monkeypatch.delenv(key)
-
-
-@pytest.fixture
-def our_log(caplog):
-    """Records of the otel_celery_headers logger; the log-once memory starts empty."""
-    caplog.set_level(logging.DEBUG, logger="otel_celery_headers")
-    saved = _guard._seen
-    _guard._seen = set()
-    yield lambda: [r for r in caplog.records if r.name == "otel_celery_headers"]
-    _guard._seen = saved
 
 
 def test_defaults():

@@ -13,7 +13,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import SpanKind
 
-from tests.conftest import instrument, make_app, wait_for, worker
+from tests.conftest import make_app, wait_for, worker
+from tests.support.fixtures import instrumented_with  # noqa: F401 - fixtures
 from tests.support.spans import attr, by_message, one, parent_id, span_id, trace_id
 
 P, C = SpanKind.PRODUCER, SpanKind.CONSUMER
@@ -24,18 +25,6 @@ def env(redis_url: str) -> Iterator[SimpleNamespace]:
     app, tasks = make_app(redis_url, task_default_queue="shapes")
     with worker(app):
         yield SimpleNamespace(app=app, t=tasks)
-
-
-@pytest.fixture
-def instrumented_with():
-    made = []
-
-    def make(**kwargs):
-        made.append(instrument(**kwargs))
-
-    yield make
-    for instrumentor in made:
-        instrumentor.uninstrument()
 
 
 def publish_with_baggage(tracer, task, *args):

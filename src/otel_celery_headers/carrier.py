@@ -36,6 +36,11 @@ SENT_AT_HEADER = "otel_celery_sent_at"
 #: the next attempt's span links to the previous one.
 PREVIOUS_ATTEMPT_HEADER = "otel_celery_previous_attempt"
 
+#: ``child``, ``link`` or ``ignore``: the trace shape the publisher asks for this
+#: message (``with trace_shape(...)``, or a beat entry's ``options["headers"]``); the
+#: worker honours it over its per-task ``trace_shape`` option, except ``ignore`` there.
+TRACE_SHAPE_HEADER = "otel_celery_trace_shape"
+
 #: The seed article's nested carrier.
 SEED_CARRIER_KEY = "otel_context"
 #: Sentry's and Datadog's nested carrier.

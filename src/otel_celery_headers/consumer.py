@@ -28,10 +28,12 @@ from . import endings, fanin, lifecycle
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
+from .arguments import Recorder
 from .beat import entry_of
-from .carrier import SENT_AT_HEADER, own_header
+from .carrier import SENT_AT_HEADER, TRACE_SHAPE_HEADER, own_header
 from .fanin import ChordPart
 from .inbound import (
+    asked_shape,
     destination_of,
     extract,
     previous_attempt,
@@ -90,6 +92,7 @@ class Consumer:
         self._counting_decided_in = -1  # the generation _counting was decided for
         self._counting = False
         self._tells_endings = False  # endings.written_here(), for the same generation
+        self._arguments = Recorder.of(options)
 
     def _decide_counting(self) -> None:
         """Per process: whether it records the delivery metrics of what it runs (only a
@@ -99,7 +102,14 @@ class Consumer:
         self._tells_endings = endings.written_here()
         self._counting_decided_in = lifecycle.generation
 
-    def on_prerun(self, task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    def on_prerun(
+        self,
+        task_id: str | None = None,
+        task: Any = None,
+        args: Any = None,
+        kwargs: Any = None,
+        **_: Any,
+    ) -> None:
         if task_id is None or task is None:
             return
         if self._sdk.pending:
@@ -109,6 +119,8 @@ class Consumer:
         except Exception as exc:  # noqa: BLE001
             report("task_prerun", exc)
             return
+        if self._arguments is not None and execution.span is not None:
+            self._arguments.record(execution.span, task.name, args, kwargs)
         execution.marker = _current_execution.set(execution)
         if current_publish.get() is not None:
             execution.publish_marker = current_publish.set(None)
@@ -119,6 +131,13 @@ class Consumer:
         request = task.request
         name: str = task.name
         excluded, shape = self._options.for_task(name)
+        if shape != "ignore":
+            # The publisher's choice for this message (scoped.trace_shape, a beat
+            # entry's headers) beats the per-task option, except "ignore": a context
+            # this worker does not trust cannot vouch for itself in a header.
+            asked = request.__dict__.get(TRACE_SHAPE_HEADER)
+            if asked is not None:
+                shape = asked_shape(asked, shape)
         eager = bool(request.is_eager)
         inbound = extract(request)
         if eager:

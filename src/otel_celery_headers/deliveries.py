@@ -65,7 +65,7 @@ from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import DeliveryMetrics
-from .inbound import destination_of, exemplar_context, extract, queue_time, relate
+from .inbound import destination_of, exemplar_context, extract, queue_time, relate, shape_of
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
@@ -215,8 +215,10 @@ class Deliveries:
     def _activate(self, request: Any, delivery: _Delivery) -> Token[Context] | None:
         try:
             # The whole context (baggage too): what the task's own code would publish with.
-            inbound = extract(_Headers(request.request_dict))
-            base, _, _ = relate(inbound, self._options.for_task(str(request.task.name))[1])
+            headers = _Headers(request.request_dict)
+            inbound = extract(headers)
+            shape = shape_of(self._options.for_task(str(request.task.name))[1], headers)
+            base, _, _ = relate(inbound, shape)
             return otel_context.attach(base)
         except Exception as exc:  # noqa: BLE001
             report("Request.on_failure context", exc)

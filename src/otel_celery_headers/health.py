@@ -37,6 +37,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from . import attributes as attrs
 from ._guard import report
+from .options import HostnameRule
 from .queue_length import SYSTEMS, QueueLengths
 
 logger = logging.getLogger("otel_celery_headers")
@@ -45,6 +46,8 @@ TASKS_ACTIVE = "celery.worker.tasks.active"
 TASKS_RESERVED = "celery.worker.tasks.reserved"
 POOL_SIZE = "celery.worker.pool.size"
 QUEUE_LENGTH = "celery.queue.length"
+#: Every metric whose points name the worker (celery.worker.hostname): these four only.
+HEALTH_METRICS = (TASKS_ACTIVE, TASKS_RESERVED, POOL_SIZE, QUEUE_LENGTH)
 
 _DEFAULT_INTERVAL_MS = 60_000
 
@@ -87,9 +90,39 @@ def _queue_names(controller: Any) -> list[str] | None:
     return [str(queue.name) for queue in list(queues) if getattr(queue, "name", None)]
 
 
+def worker_attributes(hostname: str, rule: HostnameRule) -> dict[str, str]:
+    """celery.worker.hostname for metric points, by the metrics_worker_hostname rule.
+
+    A Kubernetes pod names its worker after itself (``celery@worker-7d9f8b6c5-x2x7q``):
+    every deploy, every rescheduled pod, makes new series of every health metric.
+    "drop" leaves the worker to the resource (service.instance.id); a callable maps
+    the name to a bounded one (e.g. the Deployment's name). A callable that raises or
+    answers anything but a non-empty str drops the attribute: falling back to the raw
+    name would bring back the unbounded series the user asked to be rid of.
+    """
+    if rule == "keep":
+        return {attrs.CELERY_WORKER_HOSTNAME: hostname}
+    if rule == "drop":
+        return {}
+    try:
+        answer = rule(hostname)
+    except Exception as exc:  # noqa: BLE001 - a user callable must not break the metrics
+        report("metrics_worker_hostname callable", exc)
+        return {}
+    if not isinstance(answer, str) or not answer:
+        report(
+            "metrics_worker_hostname callable's answer",
+            ValueError(f"it returned {answer!r} for {hostname!r}, not a non-empty str: dropped"),
+        )
+        return {}
+    return {attrs.CELERY_WORKER_HOSTNAME: answer}
+
+
 class Health:
-    def __init__(self, queue_length: bool) -> None:
+    def __init__(self, queue_length: bool, hostname_rule: HostnameRule = "keep") -> None:
         self._queue_length = queue_length
+        self._hostname_rule = hostname_rule
+        self._worker_attributes: dict[str, str] = {}
         self._interval = export_interval_s()
         self._pid = 0  # the worker's main process, once worker_init was sent there
         self._controller: Any = None
@@ -106,6 +139,11 @@ class Health:
             self._pid = os.getpid()
             self._controller = sender
             self._shut_down = False
+            # Once per worker: its node name does not change while it runs. A dict
+            # never mutated, shared by every observation.
+            self._worker_attributes = worker_attributes(
+                str(getattr(sender, "hostname", "")), self._hostname_rule
+            )
             app = getattr(sender, "app", None)
             if self._queue_length and app is not None and attrs.messaging_system(app) in SYSTEMS:
                 self._lengths = QueueLengths(app, lambda: _queue_names(sender), self._interval)
@@ -145,7 +183,8 @@ class Health:
         # The node name (`celery@host`), one per worker: what Flower and celery-exporter
         # label by, so "active per worker" needs no join with resource attributes, and
         # two workers under one resource (SDKs before service.instance.id) stay apart.
-        return {attrs.CELERY_WORKER_HOSTNAME: str(getattr(self._controller, "hostname", ""))}
+        # Unless metrics_worker_hostname says otherwise (worker_attributes).
+        return self._worker_attributes
 
     def active(self) -> list[Observation]:
         if not self._here():

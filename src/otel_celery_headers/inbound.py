@@ -23,10 +23,11 @@ from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
     REQUEST_GETTER,
     SENT_AT_HEADER,
+    TRACE_SHAPE_HEADER,
     own_header,
     parse_span_ref,
 )
-from .options import TraceShape
+from .options import TraceShape, _shape
 
 
 def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
@@ -42,6 +43,31 @@ def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[
     # "ignore": the inbound context is not trusted at all.
     empty = Context()
     return empty, empty, None
+
+
+def asked_shape(asked: object, configured: TraceShape) -> TraceShape:
+    """The shape a message's TRACE_SHAPE_HEADER asks for; ``configured`` if it is not
+    one (logged once: a hand-written beat entry header with a typo)."""
+    shape = _shape(asked)
+    if shape is None:
+        report(
+            "trace shape header",
+            ValueError(f"{asked!r} is not one of child, link, ignore: using {configured}"),
+        )
+        return configured
+    return shape
+
+
+def shape_of(configured: TraceShape, carrier: object) -> TraceShape:
+    """The shape of one message: its header's, unless the worker's rule is ``ignore``.
+
+    For the main process's rare spans (mainprocess.py, deliveries.py); the pool
+    child's hot path does the same inline (consumer.py).
+    """
+    if configured == "ignore":
+        return configured
+    asked = own_header(carrier, TRACE_SHAPE_HEADER)
+    return configured if asked is None else asked_shape(asked, configured)
 
 
 def extract(carrier: object) -> Context:

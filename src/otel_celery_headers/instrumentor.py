@@ -133,7 +133,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._deliveries: Deliveries | None = deliveries
         deliveries.start(Request)
         forkmetrics.forget_in_children(instruments.all())
-        health = health_module.Health(options.queue_length)
+        health = health_module.Health(options.queue_length, options.metrics_worker_hostname)
         health_module.create_instruments(meter)
         health_module.activate(health)
 

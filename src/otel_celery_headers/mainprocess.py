@@ -16,7 +16,7 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 
 from . import attributes as attrs
 from ._outcome import mark_failed
-from .inbound import destination_of, extract, relate, request_attributes
+from .inbound import destination_of, extract, relate, request_attributes, shape_of
 from .options import Options
 
 
@@ -42,7 +42,7 @@ class MainProcessSpans:
         excluded, shape = self._options.for_task(name)
         if excluded:
             return None
-        _, parent, links = relate(extract(carrier), shape)
+        _, parent, links = relate(extract(carrier), shape_of(shape, carrier))
         attributes: dict[str, Any] = {
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,

@@ -52,6 +52,8 @@ SHAPES: tuple[TraceShape, ...] = ("child", "link", "ignore")
 PublishHook = Callable[["Span", str, Mapping[str, Any]], None]
 ProcessHook = Callable[["Span", Any], None]
 ShapeRule = TraceShape | Mapping[str, TraceShape] | Callable[[str], str]
+#: What metrics get for celery.worker.hostname: "keep", "drop", or hostname -> str.
+HostnameRule = Literal["keep", "drop"] | Callable[[str], str]
 
 
 class InstrumentKwargs(TypedDict, total=False):
@@ -69,6 +71,16 @@ class InstrumentKwargs(TypedDict, total=False):
     child_flush_interval_ms: int
     chord_links: bool
     queue_length: bool
+    #: Globs of task names whose arguments are recorded on their spans (arguments.py).
+    record_arguments: str | Iterable[str]
+    #: Key patterns redacted on top of arguments.DEFAULT_REDACT.
+    redact_arguments: str | Iterable[str]
+    max_argument_chars: int
+    max_arguments_chars: int
+    #: "keep", "drop", or a callable normalizing the node name on metric points.
+    metrics_worker_hostname: str | Callable[[str], str]
+    #: Globs of task names published without a span of their own.
+    no_publish_span: str | Iterable[str]
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,20 @@ class Options:
     chord_links: bool = True
     #: A thread of the worker's main process reads celery.queue.length from the broker.
     queue_length: bool = True
+    #: Task-name globs whose args/kwargs go on both spans (never on metrics). Empty: off.
+    record_arguments: tuple[str, ...] = ()
+    #: Mapping-key patterns whose values are redacted, beside arguments.DEFAULT_REDACT.
+    redact_arguments: tuple[str, ...] = ()
+    #: Characters per rendered value before it is cut (and says so).
+    max_argument_chars: int = 256
+    #: Characters of celery.task.args and celery.task.kwargs together, per span.
+    max_arguments_chars: int = 2048
+    #: celery.worker.hostname on metric points (health.py): kept, dropped, or the
+    #: callable's answer. Spans always keep it.
+    metrics_worker_hostname: HostnameRule = "keep"
+    #: Task-name globs published without a PRODUCER span: the caller's context is
+    #: injected, so the process span is the caller's child. Metrics still count them.
+    no_publish_span: tuple[str, ...] = ()
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -104,6 +130,23 @@ class Options:
             self._cache.clear()
         self._cache[name] = result
         return result
+
+
+class GlobMatcher:
+    """Whether a task name matches any of some globs; cached, the cache bounded."""
+
+    def __init__(self, globs: tuple[str, ...]) -> None:
+        self._globs = globs
+        self._cache: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = any(fnmatch.fnmatchcase(name, glob) for glob in self._globs)
+            if len(self._cache) >= 4096:  # send_task() accepts any name
+                self._cache.clear()
+            self._cache[name] = hit
+        return hit
 
 
 def _resolve_shape(rule: ShapeRule, name: str) -> TraceShape:
@@ -232,6 +275,26 @@ def _import_callable(path: str) -> Callable[..., Any]:
     return _check_hook(target)
 
 
+def _check_hostname_rule(value: object) -> HostnameRule:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word == "keep":
+            return "keep"
+        if word == "drop":
+            return "drop"
+        raise ValueError("expected keep, drop, or a callable")
+    if callable(value):
+        return value  # its answer is checked when used (health.py)
+    raise TypeError("expected keep, drop, or a callable")
+
+
+def _parse_hostname_rule(text: str) -> HostnameRule:
+    """``keep``, ``drop`` or ``module:function``."""
+    if ":" in text:
+        return _import_callable(text)
+    return _check_hostname_rule(text)
+
+
 def _check_count(value: object) -> int:
     # bool is an int subclass: True would silently be 1.
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -290,6 +353,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("child_flush_interval_ms", _check_count, _parse_count),
     _Option("chord_links", _check_bool, _parse_bool),
     _Option("queue_length", _check_bool, _parse_bool),
+    _Option("record_arguments", _check_globs, _parse_globs),
+    _Option("redact_arguments", _check_globs, _parse_globs),
+    _Option("max_argument_chars", _check_count, _parse_count),
+    _Option("max_arguments_chars", _check_count, _parse_count),
+    _Option("metrics_worker_hostname", _check_hostname_rule, _parse_hostname_rule),
+    _Option("no_publish_span", _check_globs, _parse_globs),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with

@@ -36,13 +36,15 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
-from . import fanin
+from . import fanin, scoped
 from ._guard import report
 from ._outcome import error_type, mark_failed
+from .arguments import Recorder
 from ._state import current_publish
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
+    TRACE_SHAPE_HEADER,
     HeaderSetter,
     bound_baggage,
     drop_fields,
@@ -52,7 +54,7 @@ from .beat import ENTRY_HEADER, BeatMonitor
 from .consumer import publishing_from
 from .fanin import ChordPart
 from .metrics import Instruments
-from .options import Options
+from .options import GlobMatcher, Options
 from .sdk_check import SdkCheck
 
 logger = logging.getLogger("otel_celery_headers")
@@ -103,6 +105,8 @@ class Producer:
         self._fields_of: TextMapPropagator | None = None
         self._fields: frozenset[str] = frozenset()
         self._baggage_warned = False
+        self._arguments = Recorder.of(options)
+        self._no_span = GlobMatcher(options.no_publish_span) if options.no_publish_span else None
 
     # -- wrapt wrappers -------------------------------------------------------------
 
@@ -149,7 +153,7 @@ class Producer:
             if publish.activation is not None:
                 otel_context.detach(publish.activation)
             current_publish.reset(marker)
-            if publish.span is not None:
+            if publish.span is not None or publish.metric_attributes is not None:
                 self._end(publish)
 
     def wrap_beat_apply_async(
@@ -179,8 +183,13 @@ class Producer:
             if beat is not None:
                 beat.after_send(entry, late, sent)
 
-    def _open(self, publish: _Publish, facts: Mapping[str, Any], destination: str) -> Span:
+    def _open(
+        self, publish: _Publish, facts: Mapping[str, Any], destination: str
+    ) -> Span | None:
         """Start the publish's span; make it current unless nothing can nest under it.
+
+        None for a task of ``no_publish_span``: no span, the caller's context goes
+        into the message, and the metrics still count the publish.
 
         The sampler sees the start attributes. Under a sampled parent the span will
         almost surely record (ParentBased, the SDK's default), so the message facts go
@@ -188,6 +197,13 @@ class Producer:
         records, and an unsampled publish does not build them (issue 12).
         """
         system = attrs.messaging_system(publish.app)
+        if self._no_span is not None and self._no_span(publish.name):
+            publish.context = otel_context.get_current()
+            if self._instruments.recording():
+                publish.metric_attributes = attrs.metric_attributes(
+                    system, attrs.OPERATION_SEND, publish.name, destination
+                )
+            return None
         attributes: dict[str, Any] = attrs.start_attributes(
             system, attrs.OPERATION_SEND, destination, publish.name
         )
@@ -300,8 +316,10 @@ class Producer:
             # Protocol 2 puts the task's facts in the headers, protocol 1 in the body.
             facts = headers if "id" in headers or not isinstance(body, dict) else body
             publish: _Publish | None = current_publish.get()
-            if publish is not None and publish.span is None:
-                self._open(publish, facts, routing_key or exchange or "")
+            if publish is not None and publish.context is None:
+                span = self._open(publish, facts, routing_key or exchange or "")
+                if self._arguments is not None and span is not None:
+                    self._arguments.record_body(span, publish.name, body)
             self._inject(headers, facts, publish)
             hook = self._options.publish_hook
             if hook is not None and publish is not None and publish.span is not None:
@@ -345,6 +363,10 @@ class Producer:
         entry = _beat_entry.get()
         if entry is not None:
             headers[ENTRY_HEADER] = entry
+        if scoped.used:  # one global read per publish until trace_shape() is first used
+            shape = scoped.current()
+            if shape is not None:
+                headers[TRACE_SHAPE_HEADER] = shape
         source = publishing_from()
         if source is not None:
             self._inject_relations(headers, facts, *source)
