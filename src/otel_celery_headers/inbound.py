@@ -13,14 +13,16 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import INVALID_SPAN, Link
 
 from . import attributes as attrs
 from ._guard import report
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
-    REQUEST_GETTER,
     SENT_AT_HEADER,
+    STRING_GETTER,
+    inbound_carrier,
     own_header,
     parse_span_ref,
 )
@@ -49,10 +51,27 @@ def extract(carrier: object) -> Context:
     context to the next (solo, threads and gevent pools reuse threads and greenlets).
     """
     try:
-        return propagate.extract(carrier, context=Context(), getter=REQUEST_GETTER)
+        textmap = propagate.get_global_textmap()
+        return textmap.extract(
+            inbound_carrier(carrier, _fields(textmap)), context=Context(), getter=STRING_GETTER
+        )
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()
+
+
+# (propagator, its fields): CompositePropagator.fields builds a new set on every call,
+# and the global propagator can be replaced at any time.
+_fields_of: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())
+
+
+def _fields(textmap: TextMapPropagator) -> frozenset[str]:
+    global _fields_of
+    known, fields = _fields_of
+    if known is not textmap:
+        fields = frozenset(textmap.fields)
+        _fields_of = (textmap, fields)
+    return fields
 
 
 _FROM_REQUEST = (*attrs.MESSAGE_FACTS, ("hostname", attrs.CELERY_WORKER_HOSTNAME))
