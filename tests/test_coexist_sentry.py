@@ -82,3 +82,13 @@ def test_sentry_worker_transactions_join_its_trace(coexisting):
             assert event["contexts"]["trace"]["trace_id"] == run["sentry_trace_id"] == trace_id
             assert event["contexts"]["trace"]["parent_span_id"] == parent_span_id
             assert header["trace"] == request_dsc
+
+
+def test_without_another_vendor_the_shape_is_the_same(redis_url, tmp_path):
+    """The control: the same producer and worker with neither Sentry nor ddtrace give the shapes asserted above."""
+    runs, spans, _ = run_producer(redis_url, tmp_path, "none", "theirs-first", {})
+    assert len(runs) == 6
+    for run in runs:
+        assert_our_trace(run, spans)
+        for report in run["reports"]:
+            assert report["nested"] is None or "sentry-trace" not in report["nested"]
