@@ -230,3 +230,42 @@ def test_bound_baggage_keeps_whole_members_in_order():
     assert dropped == 8
     assert bound_baggage("a=1", 8192) == ("a=1", 0)
     assert bound_baggage("a=" + "v" * 100, 10) == ("", 1)
+
+
+# -- the official opentelemetry-instrumentation-celery, across processes --------------
+
+
+def official_extract(headers: dict):
+    """The official instrumentation's worker side: its getter over task.request's attributes."""
+    from opentelemetry.instrumentation.celery import celery_getter
+
+    ctx = PROPAGATOR.extract(SimpleNamespace(**headers), context=Context(), getter=celery_getter)
+    span = trace.get_current_span(ctx).get_span_context()
+    return (f"{span.trace_id:032x}" if span.is_valid else None), dict(baggage.get_all(ctx))
+
+
+def test_official_worker_reads_our_messages():
+    """Our top-level fields are what the official instrumentation reads; the marker is nothing to it."""
+    headers = {"headers": dict(SENTRY), "baggage": SENTRY_BAGGAGE, "sentry-trace": SENTRY["sentry-trace"]}
+    write_context(headers, {"traceparent": TP, "baggage": "tenant=acme"}, FIELDS, replaces=True)
+    assert official_extract(headers) == ("0af7651916cd43dd8448eb211c80319c", {"tenant": "acme"})
+
+
+def test_official_worker_beside_sentry_reads_sentrys_copy_when_we_have_no_baggage():
+    """The documented limit: without caller baggage, the official worker takes Sentry's top-level copy."""
+    headers = {"headers": dict(SENTRY), "baggage": SENTRY_BAGGAGE, "sentry-trace": SENTRY["sentry-trace"]}
+    write_context(headers, {"traceparent": TP}, FIELDS, replaces=True)
+    assert set(official_extract(headers)[1]) == {"sentry-trace_id", "sentry-sample_rate", "sentry-sampled",
+                                                 "sentry-environment"}
+    assert context(request(**headers))[2] == {}
+
+
+def test_we_read_the_official_producers_messages():
+    """What the official instrumentation injects (propagate.inject into the publish headers, no marker) is read whole."""
+    token_ctx = baggage.set_baggage("tenant", "acme", trace.set_span_in_context(trace.NonRecordingSpan(
+        trace.SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=False,
+                          trace_flags=trace.TraceFlags(1)))))
+    headers = {"headers": dict(SENTRY), "baggage": SENTRY_BAGGAGE, "sentry-trace": SENTRY["sentry-trace"]}
+    PROPAGATOR.inject(headers, context=token_ctx)
+    assert context(request(**headers)) == (
+        ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"), "", {"tenant": "acme"})
