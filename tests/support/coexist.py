@@ -10,9 +10,7 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -145,18 +143,6 @@ def run_producer(broker_url: str, tmp_path: Path, vendor: str, order: str,
     return runs, read_spans(producer_spans) + consumed, published_file
 
 
-def poll(found: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """``found()`` once it is truthy, polled until ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = found()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def shape(spans: list[dict[str, Any]], trace_id: str) -> Counter[tuple[str, str]]:
     """(kind, name) -> how many spans of trace ``trace_id``."""
     return Counter((s["kind"], s["name"]) for s in spans if s["trace_id"] == trace_id)
@@ -187,3 +173,12 @@ def assert_our_trace(run: dict[str, Any], spans: list[dict[str, Any]]) -> None:
     roots = {s["span_id"] for s in ours if s["name"] == run["root"]}
     assert len([s for s in ours if s["kind"] == "PRODUCER" and s["parent_id"] in roots]) == (
         1 if run["shape"] == "chain" else TASKS[run["shape"]])
+
+
+def assert_every_run(runs: list[dict[str, Any]], spans: list[dict[str, Any]]) -> None:
+    """The producer's six runs (each shape, with and without caller baggage), each as
+    ``assert_our_trace`` says."""
+    assert [(run["shape"], run["baggage"]) for run in runs] == [
+        (shape, with_baggage) for shape in TASKS for with_baggage in (False, True)]
+    for run in runs:
+        assert_our_trace(run, spans)
