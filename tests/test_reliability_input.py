@@ -4,7 +4,7 @@ Messages are published by hand (protocol 2, JSON, real Redis) with generated ext
 headers: random keys and values of every JSON type and bytes, of every size, and
 ``traceparent`` / ``tracestate`` / ``baggage`` / ``otel_celery_previous_attempt`` /
 ``otel_celery_chord_headers`` / ``otel_celery_sent_at`` in the places producers put
-them: the top level, a nested ``headers`` dict (Sentry, Datadog), an ``otel_context``
+them: the top level, a nested ``headers`` dict (where Sentry and Datadog write), an ``otel_context``
 dict (the seed article). In each place the generator puts a valid value whose meaning
 it knows (the ids it drew), a malformed string, a value that is not a string, or
 nothing. The expected outcome follows from that construction and from the documented

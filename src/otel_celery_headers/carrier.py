@@ -93,9 +93,9 @@ def _mapping(value: object) -> Mapping[str, Any] | None:
 #: Keys that mark a dict as Sentry's or Datadog's carrier: both always write one of
 #: them beside any W3C field of theirs (Sentry's Celery integration, ddtrace's
 #: ``_inject_distributed_headers`` with its default propagation styles).
-_FOREIGN_KEYS = ("sentry-trace", "x-datadog-trace-id", "x-datadog-parent-id")
 #: Sentry's own trace header, always beside its baggage.
 SENTRY_TRACE_HEADER = "sentry-trace"
+_FOREIGN_KEYS = (SENTRY_TRACE_HEADER, "x-datadog-trace-id", "x-datadog-parent-id")
 
 _EMPTY: Mapping[str, Any] = {}
 
@@ -152,19 +152,17 @@ def inbound_carrier(request: object, fields: Iterable[str]) -> Mapping[str, Any]
     # the top-level custom headers when the message has no nested dict, and that copy
     # holds the same strings as the top level.)
     sentry = headers is not None and SENTRY_TRACE_HEADER in headers
-    copied: list[str] | None = None
+    copied: list[str] = []
     held = False
     for name in fields:
         value = top.get(name)
         if isinstance(value, str):
             if sentry and headers is not None and headers.get(name) == value:
-                copied = [name] if copied is None else [*copied, name]
+                copied.append(name)
             else:
                 held = True
     if held:
-        if copied is None:
-            return top
-        return {key: value for key, value in top.items() if key not in copied}
+        return {k: v for k, v in top.items() if k not in copied} if copied else top
     nested = None if headers is None else _mapping(headers.get(NESTED_CARRIER_KEY))
     for place in (headers, nested):
         if place is not None and not _foreign(place) and _holds_any(place, fields):
