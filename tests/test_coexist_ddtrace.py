@@ -41,7 +41,7 @@ def coexisting(request: Any, redis_url: str, tmp_path_factory: Any) -> Iterator[
 
 
 def test_our_traces_keep_their_shape(coexisting):
-    """A delay, a chain of 2 and a group of 3, with and without caller baggage: our spans as without ddtrace,
+    """A delay, a chain of 2, a group of 3 and a retry, with and without caller baggage: our spans as without ddtrace,
     and the task's OpenTelemetry baggage exactly the caller's."""
     runs, spans, _, _ = coexisting
     assert_every_run(runs, spans)

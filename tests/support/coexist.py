@@ -20,8 +20,10 @@ from typing import Any
 from tests.support.file_exporter import read_spans
 from tests.support.prefork import ROOT, prefork_worker
 
-# What each run publishes, and the tasks it is made of (coexist_producer.run).
-TASKS = {"delay": 1, "chain": 2, "group": 3}
+# What each run publishes (coexist_producer.run): its task, and how many messages (a
+# retry is a second message with the task's id, published from the worker).
+TASKS = {"delay": ("c.report", 1), "chain": ("c.report", 2), "group": ("c.report", 3),
+         "retry": ("c.retry_report", 2)}
 
 
 class Sink:
@@ -135,10 +137,9 @@ def run_producer(broker_url: str, tmp_path: Path, vendor: str, order: str,
         )
         assert proc.returncode == 0, f"producer failed:\n{proc.stderr[-4000:]}\nworker log:\n{worker.log()[-3000:]}"
         runs = json.loads(out.read_text())
-        task_ids = {report["id"] for run in runs for report in run["reports"]}
+        seen = {report["span_id"] for run in runs for report in run["reports"]}
         consumed = worker.wait_spans(
-            lambda spans: spans if task_ids <= {s["attributes"].get("messaging.message.id")
-                                                for s in spans if s["kind"] == "CONSUMER"} else None)
+            lambda spans: spans if seen <= {s["span_id"] for s in spans if s["kind"] == "CONSUMER"} else None)
         assert "Traceback" not in worker.log() and "otel-celery-headers" not in worker.log(), worker.log()[-3000:]
     return runs, read_spans(producer_spans) + consumed, published_file
 
@@ -149,34 +150,37 @@ def shape(spans: list[dict[str, Any]], trace_id: str) -> Counter[tuple[str, str]
 
 
 def expected_shape(run: dict[str, Any]) -> Counter[tuple[str, str]]:
-    """A run's trace without any other vendor: the web request, a publish and a process per task."""
-    n = TASKS[run["shape"]]
-    return Counter({("INTERNAL", run["root"]): 1, ("PRODUCER", "send c.report"): n,
-                    ("CONSUMER", "process c.report"): n})
+    """A run's trace without any other vendor: the web request, a publish and a process per message."""
+    task, n = TASKS[run["shape"]]
+    return Counter({("INTERNAL", run["root"]): 1, ("PRODUCER", f"send {task}"): n,
+                    ("CONSUMER", f"process {task}"): n})
 
 
 def assert_our_trace(run: dict[str, Any], spans: list[dict[str, Any]]) -> None:
-    """Our trace of one run, as without another vendor: its exact shape, each process span
-    the child of its message's publish span, the task body inside it with the caller's
-    baggage exactly."""
+    """Our trace of one run, as without another vendor: its exact shape, the task body
+    inside its process span with the caller's baggage exactly, that span the child of
+    its message's publish span; a retry's publish the child of the attempt that retried."""
     assert shape(spans, run["trace_id"]) == expected_shape(run), run["root"]
-    ours = [s for s in spans if s["trace_id"] == run["trace_id"]]
+    ours = {s["span_id"]: s for s in spans if s["trace_id"] == run["trace_id"]}
     for report in run["reports"]:
-        (send,) = [s for s in ours if s["kind"] == "PRODUCER"
-                   and s["attributes"].get("messaging.message.id") == report["id"]]
-        (process,) = [s for s in ours if s["kind"] == "CONSUMER"
-                      and s["attributes"].get("messaging.message.id") == report["id"]]
-        assert process["parent_id"] == send["span_id"]
-        assert (report["trace_id"], report["span_id"]) == (run["trace_id"], process["span_id"])
+        assert report["trace_id"] == run["trace_id"]
+        process = ours[report["span_id"]]
+        send = ours[process["parent_id"]]
+        assert (process["kind"], send["kind"]) == ("CONSUMER", "PRODUCER")
+        ids = {s["attributes"].get("messaging.message.id") for s in (process, send)}
+        assert ids == {report["id"]}
+        if run["shape"] == "retry":
+            retried = ours[send["parent_id"]]
+            assert (retried["kind"], retried["attributes"]["messaging.message.id"]) == ("CONSUMER", report["id"])
         assert report["baggage"] == ({"tenant": "acme"} if run["baggage"] else {})
-    # The first publish of each run is a child of the web request's span.
-    roots = {s["span_id"] for s in ours if s["name"] == run["root"]}
-    assert len([s for s in ours if s["kind"] == "PRODUCER" and s["parent_id"] in roots]) == (
-        1 if run["shape"] == "chain" else TASKS[run["shape"]])
+    # The first publishes of each run are children of the web request's span.
+    roots = {s["span_id"] for s in ours.values() if s["name"] == run["root"]}
+    assert len([s for s in ours.values() if s["kind"] == "PRODUCER" and s["parent_id"] in roots]) == (
+        3 if run["shape"] == "group" else 1)
 
 
 def assert_every_run(runs: list[dict[str, Any]], spans: list[dict[str, Any]]) -> None:
-    """The producer's six runs (each shape, with and without caller baggage), each as
+    """The producer's runs (each shape, with and without caller baggage), each as
     ``assert_our_trace`` says."""
     assert [(run["shape"], run["baggage"]) for run in runs] == [
         (shape, with_baggage) for shape in TASKS for with_baggage in (False, True)]

@@ -91,6 +91,18 @@ app = subprocess_app("coexist_app")
 @app.task(name="c.report", bind=True, shared=False)
 def report(self: Any) -> dict[str, Any]:
     """What the task body sees: its OpenTelemetry context and the message's trace headers."""
+    return _seen(self)
+
+
+@app.task(name="c.retry_report", bind=True, shared=False, max_retries=2)
+def retry_report(self: Any) -> dict[str, Any]:
+    """Retries once (Celery republishes this message's headers), then reports as c.report."""
+    if self.request.retries < 1:
+        raise self.retry(countdown=0)
+    return _seen(self)
+
+
+def _seen(self: Any) -> dict[str, Any]:
     span = trace.get_current_span().get_span_context()
     top = self.request.__dict__
     return {

@@ -1,7 +1,7 @@
 """The coexistence tests' producer: ``python -m tests.support.coexist_producer OUT``.
 
 Initialises like the worker (tests/support/coexist_app.py), then, for a delay, a chain
-of 2 and a group of 3, each with and without caller baggage, publishes inside a web
+of 2, a group of 3 and a task that retries once, each with and without caller baggage, publishes inside a web
 request's transaction of the vendor (a Sentry transaction, a ddtrace span) and an
 OpenTelemetry span; waits for the results and writes them, with the root spans' ids,
 to OUT as JSON.
@@ -19,7 +19,7 @@ from typing import Any
 from celery import chain, group
 from opentelemetry import baggage, context, trace
 
-from tests.support.coexist_app import app, provider, report
+from tests.support.coexist_app import app, provider, report, retry_report
 
 TIMEOUT = 60
 
@@ -56,8 +56,10 @@ def run(shape: str, with_baggage: bool) -> dict[str, Any]:
             elif shape == "chain":
                 last = chain(report.si(), report.si()).apply_async()
                 results = [last.parent, last]
-            else:
+            elif shape == "group":
                 results = list(group(report.si() for _ in range(3)).apply_async().results)
+            else:
+                results = [retry_report.delay()]
     finally:
         if token is not None:
             context.detach(token)
@@ -70,7 +72,7 @@ def run(shape: str, with_baggage: bool) -> dict[str, Any]:
 
 
 def main(out: str) -> None:
-    runs = [run(shape, with_baggage) for shape in ("delay", "chain", "group") for with_baggage in (False, True)]
+    runs = [run(shape, with_baggage) for shape in ("delay", "chain", "group", "retry") for with_baggage in (False, True)]
     provider.force_flush()
     if os.environ.get("VENDOR") == "sentry":
         import sentry_sdk
