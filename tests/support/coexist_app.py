@@ -79,8 +79,10 @@ else:
     _init_vendor()
 
 
-# Connected last: the headers as they left (after ours and ddtrace's receivers).
-@signals.after_task_publish.connect(weak=False)
+# Connected last: the headers as they leave, after ours and ddtrace's receivers. (Not
+# after_task_publish: that comes after the message is out, and a retry's record from the
+# worker could then land before the original's.)
+@signals.before_task_publish.connect(weak=False)
 def _as_sent(headers: Any = None, **_: Any) -> None:
     _record("sent", headers)
 
