@@ -38,7 +38,7 @@ def run_raw(env: SimpleNamespace, headers: dict) -> tuple[dict, object]:
 
 @pytest.mark.parametrize("headers", [
     {"traceparent": TP},                                  # ours / the official instrumentation
-    {"headers": {"traceparent": TP}},                     # Sentry / Datadog nested dict
+    {"headers": {"traceparent": TP}},                     # a nested dict (not Sentry's or Datadog's)
     {"otel_context": {"traceparent": TP}},                # the seed article
 ], ids=["top-level", "nested-headers", "seed-otel_context"])
 def test_other_producers_header_shapes_connect(env, exporter, headers):

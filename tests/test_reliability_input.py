@@ -4,12 +4,13 @@ Messages are published by hand (protocol 2, JSON, real Redis) with generated ext
 headers: random keys and values of every JSON type and bytes, of every size, and
 ``traceparent`` / ``tracestate`` / ``baggage`` / ``otel_celery_previous_attempt`` /
 ``otel_celery_chord_headers`` / ``otel_celery_sent_at`` in the places producers put
-them: the top level, a nested ``headers`` dict (Sentry, Datadog), an ``otel_context``
+them: the top level, a nested ``headers`` dict (where Sentry and Datadog write), an ``otel_context``
 dict (the seed article). In each place the generator puts a valid value whose meaning
 it knows (the ids it drew), a malformed string, a value that is not a string, or
 nothing. The expected outcome follows from that construction and from the documented
-precedence, written below as data (``PRECEDENCE``): the first place that holds a
-string wins, valid or not. Nothing here looks a header up the way carrier.py does.
+precedence, written below as data (``PRECEDENCE``, ``unit_place``): the first place
+that holds a string wins, valid or not, and the trace fields come from one place.
+Nothing here looks a header up the way carrier.py does.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ CELERY_KEYS = frozenset({
 SENT_AT = "otel_celery_sent_at"
 PREVIOUS = "otel_celery_previous_attempt"  # "<trace id>-<span id>" of the attempt that retried
 CHORD = "otel_celery_chord_headers"  # space-separated "<trace id>-<span id>" of a chord's headers
-OURS = {*TRACE_KEYS, SENT_AT, PREVIOUS, CHORD}
+OURS = {*TRACE_KEYS, SENT_AT, PREVIOUS, CHORD, "otel_celery_context", "sentry-trace",
+        "x-datadog-trace-id", "x-datadog-parent-id"}
 
 # -- the documented precedence, as data ----------------------------------------------
 #
@@ -69,6 +71,42 @@ OURS = {*TRACE_KEYS, SENT_AT, PREVIOUS, CHORD}
 PRECEDENCE: tuple[tuple[str, ...], ...] = (
     (), ("headers",), ("headers", "headers"), ("otel_context",), ("headers", "otel_context"),
 )
+# The trace fields are one unit (issue 18): the first place holding a str under any of
+# them gives all three, and a field absent there is absent, wherever else it is. These
+# messages carry no marker of our producer (otel_celery_context), as the official
+# instrumentation's and older versions' do not. Skipped as places: the ``headers`` dicts
+# that are Sentry's or Datadog's (a ``sentry-trace`` or ``x-datadog-trace-id``/
+# ``-parent-id`` key, or a tracestate with a ``dd=`` member); at the top level, a field
+# holding the same str as a ``headers`` dict with ``sentry-trace`` (Sentry's copy).
+FOREIGN_PLACES = (("headers",), ("headers", "headers"))
+FOREIGN_KEYS = ("sentry-trace", "x-datadog-trace-id", "x-datadog-parent-id")
+
+
+def datadog_state(value: Any) -> bool:
+    """A tracestate string with a list-member whose key is ``dd``."""
+    return isinstance(value, str) and any(
+        member.strip(" \t").startswith("dd=") for member in value.split(","))
+
+
+def foreign(mapping: dict[str, Any]) -> bool:
+    return any(key in mapping for key in FOREIGN_KEYS) or datadog_state(mapping.get("tracestate"))
+
+
+def unit_place(dicts: dict[tuple[str, ...], dict[str, Any]]) -> tuple[str, ...] | None:
+    """Where the message's context is read from, following the rules above."""
+    for place in PRECEDENCE:
+        mapping = dicts.get(place)
+        if mapping is None or (place in FOREIGN_PLACES and foreign(mapping)):
+            continue
+        held = [name for name in TRACE_KEYS if isinstance(mapping.get(name), str)]
+        sentry = dicts.get(("headers",))
+        if place == () and sentry is not None and "sentry-trace" in sentry:
+            held = [name for name in held if sentry.get(name) != mapping[name]]
+        if held:
+            return place
+    return None
+
+
 # Our own otel_celery_* headers are read only where we write them (carrier.own_header).
 OWN_PRECEDENCE: tuple[tuple[str, ...], ...] = ((), ("headers",))
 # The dicts a message may have besides its top level. ("headers", "otel_context") is
@@ -264,6 +302,7 @@ def cases(draw: st.DrawFn) -> Case:
         elif how == "not a dict":
             outer[path[-1]] = draw(NOT_A_DICT)
     case = Case(top)
+    placed: dict[tuple[str, tuple[str, ...]], tuple[str, Any]] = {}
     for name, (precedence, values) in FIELDS.items():
         for place in precedence:
             if place not in dicts:
@@ -272,8 +311,14 @@ def cases(draw: st.DrawFn) -> Case:
             if kind == "absent":
                 continue
             dicts[place][name] = value
-            if name not in case.found and kind != "other":
+            placed[name, place] = (kind, meaning)
+            if name not in TRACE_KEYS and name not in case.found and kind != "other":
                 case.found[name] = (kind, place, meaning)  # first string in precedence order
+    unit = unit_place(dicts)
+    for name in TRACE_KEYS:
+        kind, meaning = placed.get((name, unit), ("absent", None)) if unit is not None else ("absent", None)
+        if kind in ("valid", "malformed"):
+            case.found[name] = (kind, unit, meaning)
     if draw(st.booleans()):
         # A retry's message: the only one whose previous-attempt header is read.
         top["retries"] = draw(st.integers(0, 3))

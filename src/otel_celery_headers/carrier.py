@@ -2,20 +2,54 @@
 
 Pure functions over dicts and ``task.request``; no Celery import, unit-tested alone.
 
-Where a producer's context can be found on the worker, in the order we look:
+Our context is one unit: ``traceparent``, ``tracestate`` and ``baggage`` (whatever fields
+the configured propagator has) are written to, and read from, one place of a message,
+never one field from here and another from there. Other systems write headers of the
+same names beside ours (issue 18): Sentry's Celery integration writes its ``baggage``
+(8 ``sentry-*`` members) at the top level and again in a nested ``headers["headers"]``
+dict, with ``sentry-trace``; ddtrace writes W3C ``traceparent``/``tracestate``
+(``dd=...``) and ``x-datadog-*`` into that nested dict only. Read as ours, Sentry's
+members became the task's OpenTelemetry baggage (getsentry/sentry-python#4408) and
+ddtrace's trace state joined our trace.
+
+How ours is told from theirs: ``CONTEXT_HEADER`` (``otel_celery_context``), a top-level
+header our producer writes on every message it publishes, names the fields it wrote at
+the top level ("traceparent tracestate baggage", or fewer, or ""). A marked message's
+context is exactly those top-level fields: a field it does not name is not ours, wherever
+it is. A marker costs one short string per message and one split per task, where writing
+the context twice under keys of our own would double the bytes of baggage (up to 8 kB)
+on every message. The top level stays where the fields are, since that is what the
+official ``opentelemetry-instrumentation-celery`` writes and reads (``propagate.inject``
+into the publish headers, ``getattr(task.request, key)``): a fleet that mixes it and us
+keeps one trace both ways.
+
+A message without the marker comes from the official instrumentation, an older version
+of ours, the seed article, or a hand-written producer. Its context is the first of these
+places that holds a string under one of the propagator's fields, all fields from there:
 
 1. ``task.request.<key>``: top-level message headers become attributes of the request
-   (Celery's protocol 2, and protocol 1 through ``hybrid_to_proto2``). We and the
-   official ``opentelemetry-instrumentation-celery`` write here.
+   (Celery's protocol 2, and protocol 1 through ``hybrid_to_proto2``), except a field
+   holding the same string as a nested ``headers`` dict with Sentry's ``sentry-trace``:
+   Sentry's top-level copy of its own baggage.
 2. ``task.request.headers[<key>]``: the custom headers Celery keeps apart (5.3+), and
-   what an eager ``apply(headers=...)`` passes.
-3. ``task.request.headers["headers"][<key>]``: a nested dict, how Sentry and Datadog
-   write their headers so they survive every Celery version.
+   what an eager ``apply(headers=...)`` passes; in a worker, when the message has a
+   nested ``headers`` dict, that dict.
+3. ``task.request.headers["headers"][<key>]``: a nested dict.
 4. ``task.request.otel_context[<key>]``: the dict of the seed article
-   (``apply_async(headers={"otel_context": carrier})``).
+   (``apply_async(headers={"otel_context": carrier})``), also looked for in 2.
 
-Only ``str`` values are accepted: a number, list or dict under a trace key is treated
-as absent, so the task starts a new trace instead of failing.
+A dict of 2 or 3 is foreign, and skipped, when it carries Sentry's ``sentry-trace``,
+Datadog's ``x-datadog-trace-id``/``x-datadog-parent-id``, or a ``tracestate`` with a
+``dd=`` member (ddtrace with only ``tracecontext`` propagation, as ``OTEL_PROPAGATORS``
+gives it through its remapping). Only ``str`` values are accepted: a number, list or
+dict under a trace key is treated as absent, so the task starts a new trace instead of
+failing.
+
+On publish (``write_context``), a stale context of ours (retry, ``replace()``, a received
+message's headers re-published) is removed: the fields an earlier marker names, or, on
+an unmarked message whose context is about to be replaced, any top-level field, except
+Sentry's top-level copy, which stays unless we write that same field (Sentry reads the
+nested copy, which we never touch).
 """
 
 from __future__ import annotations
@@ -24,7 +58,7 @@ import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
-from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanContext, TraceFlags
 
 #: The header carrying the publish time (seconds since the epoch, as a string), used
@@ -40,6 +74,10 @@ PREVIOUS_ATTEMPT_HEADER = "otel_celery_previous_attempt"
 #: message (``with trace_shape(...)``, or a beat entry's ``options["headers"]``); the
 #: worker honours it over its per-task ``trace_shape`` option, except ``ignore`` there.
 TRACE_SHAPE_HEADER = "otel_celery_trace_shape"
+
+#: On every message our producer publishes: the names of the propagation fields it
+#: wrote at the top level, space-separated (see the module docstring).
+CONTEXT_HEADER = "otel_celery_context"
 
 #: The seed article's nested carrier.
 SEED_CARRIER_KEY = "otel_context"
@@ -57,28 +95,89 @@ def _mapping(value: object) -> Mapping[str, Any] | None:
     return None
 
 
-def _nested(mapping: object, key: str) -> Mapping[str, Any] | None:
-    outer = _mapping(mapping)
-    return None if outer is None else _mapping(outer.get(key))
+#: Keys that mark a dict as Sentry's or Datadog's carrier: both always write one of
+#: them beside any W3C field of theirs (Sentry's Celery integration, ddtrace's
+#: ``_inject_distributed_headers`` with its default propagation styles).
+#: Sentry's own trace header, always beside its baggage.
+SENTRY_TRACE_HEADER = "sentry-trace"
+_FOREIGN_KEYS = (SENTRY_TRACE_HEADER, "x-datadog-trace-id", "x-datadog-parent-id")
+
+_EMPTY: Mapping[str, Any] = {}
 
 
-# The getter and own_header run three to five times per task (traceparent, tracestate
-# and baggage for extract; publish time, chord links), mostly to miss: they read the
-# request's instance __dict__ inline instead of through small helpers, since at this
-# rate each Python call is a measurable share of an unsampled task (issue 12).
-# task.request (a Context) and the main process's SimpleNamespace keep headers in the
-# instance __dict__, where a missing key is a dict miss rather than a caught
-# AttributeError; anything else is read with getattr.
+def _foreign(mapping: Mapping[str, Any]) -> bool:
+    """Whether a dict is Sentry's or Datadog's carrier, not one of an OpenTelemetry producer."""
+    for key in _FOREIGN_KEYS:
+        if key in mapping:
+            return True
+    state = mapping.get("tracestate")
+    # ddtrace with only W3C propagation writes no x-datadog-* key, but always its own
+    # "dd=" member in tracestate.
+    return (
+        isinstance(state, str)
+        and "dd=" in state
+        and any(member.strip(" \t").startswith("dd=") for member in state.split(","))
+    )
 
 
-def find_header(request: object, key: str) -> str | None:
-    """Return the string value of header ``key`` on a Celery request, or None.
+def _holds_any(mapping: Mapping[str, Any], fields: Iterable[str]) -> bool:
+    for name in fields:
+        if isinstance(mapping.get(name), str):
+            return True
+    return False
 
-    The worker's main process passes message headers wrapped in a SimpleNamespace, so
-    everything here reads attributes, the shape of ``task.request``.
+
+def _top(request: object) -> dict[str, Any]:
+    # task.request (a Context) and the main process's wrapper of message headers keep
+    # them in the instance __dict__, where a missing key is a dict miss rather than a
+    # caught AttributeError. An object without one has no headers to read.
+    own = getattr(request, "__dict__", None)
+    return own if type(own) is dict else {}
+
+
+def inbound_carrier(request: object, fields: Iterable[str]) -> Mapping[str, Any]:
+    """The one place of a Celery request that holds the producer's context.
+
+    Read with ``STRING_GETTER``; ``fields`` (the propagator's) are looked at only for a
+    message without our marker. Never raises on odd values: a place that is not a dict
+    is no place.
     """
-    found = REQUEST_GETTER.get(request, key)
-    return None if found is None else found[0]
+    top = _top(request)
+    marker = top.get(CONTEXT_HEADER)
+    if isinstance(marker, str):  # ours: exactly the fields it names, from the top level
+        found: dict[str, Any] = {}
+        for name in marker.split():
+            value = top.get(name)
+            if isinstance(value, str):
+                found[name] = value
+        return found
+    headers = _mapping(top.get("headers"))
+    # Sentry's nested dict: a top-level field holding the same string is its copy. (Its
+    # signature key, not _foreign(): in a worker, request.headers is Celery's copy of
+    # the top-level custom headers when the message has no nested dict, and that copy
+    # holds the same strings as the top level.)
+    sentry = headers is not None and SENTRY_TRACE_HEADER in headers
+    copied: list[str] = []
+    held = False
+    for name in fields:
+        value = top.get(name)
+        if isinstance(value, str):
+            if sentry and headers is not None and headers.get(name) == value:
+                copied.append(name)
+            else:
+                held = True
+    if held:
+        return {k: v for k, v in top.items() if k not in copied} if copied else top
+    nested = None if headers is None else _mapping(headers.get(NESTED_CARRIER_KEY))
+    for place in (headers, nested):
+        if place is not None and not _foreign(place) and _holds_any(place, fields):
+            return place
+    seed = _mapping(top.get(SEED_CARRIER_KEY))
+    if seed is None and headers is not None:
+        seed = _mapping(headers.get(SEED_CARRIER_KEY))
+    if seed is not None and _holds_any(seed, fields):
+        return seed
+    return _EMPTY
 
 
 def own_header(request: object, key: str) -> str | None:
@@ -104,77 +203,56 @@ def own_header(request: object, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class RequestGetter(Getter[Any]):
-    """Reads propagation fields from ``task.request``: ``find_header``'s lookup, here
-    rather than called from here, since propagators call this once per field."""
+class StringGetter(Getter[Mapping[str, Any]]):
+    """Reads a field of ``inbound_carrier``'s mapping: a string, or nothing."""
 
-    def get(self, carrier: Any, key: str) -> list[str] | None:
-        own = getattr(carrier, "__dict__", None)
-        if type(own) is dict:
-            value = own.get(key)
-            if isinstance(value, str):
-                return [value]
-            headers = own.get("headers")
-            seed = own.get(SEED_CARRIER_KEY)
-        else:
-            value = getattr(carrier, key, None)
-            if isinstance(value, str):
-                return [value]
-            headers = getattr(carrier, "headers", None)
-            seed = getattr(carrier, SEED_CARRIER_KEY, None)
-        # None is the usual miss; a plain dict the usual hit: no call for either.
-        if seed is not None and type(seed) is not dict:
-            seed = _mapping(seed)
-        if headers is not None and (type(headers) is dict or _mapping(headers) is not None):
-            value = headers.get(key)
-            if isinstance(value, str):
-                return [value]
-            nested = headers.get(NESTED_CARRIER_KEY)
-            if nested is not None and (type(nested) is dict or _mapping(nested) is not None):
-                value = nested.get(key)
-                if isinstance(value, str):
-                    return [value]
-            if seed is None:
-                seed = headers.get(SEED_CARRIER_KEY)
-                if seed is not None and type(seed) is not dict:
-                    seed = _mapping(seed)
-        if seed is not None:
-            value = seed.get(key)
-            if isinstance(value, str):
-                return [value]
-        return None
+    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return [value] if isinstance(value, str) else None
 
-    def keys(self, carrier: Any) -> list[str]:
-        found: list[str] = []
-        custom = getattr(carrier, "headers", None)
-        for source in (
-            custom,
-            _nested(custom, NESTED_CARRIER_KEY),
-            getattr(carrier, SEED_CARRIER_KEY, None),
-        ):
-            if isinstance(source, Mapping):
-                found.extend(k for k in source if isinstance(k, str))
-        return found
+    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+        return [key for key in carrier if isinstance(key, str)]
 
 
-REQUEST_GETTER = RequestGetter()
+STRING_GETTER = StringGetter()
 
 
-class HeaderSetter(Setter[MutableMapping[str, Any]]):
-    """Writes propagation fields as top-level string headers, overwriting stale ones.
+def write_context(
+    headers: MutableMapping[str, Any],
+    written: Mapping[str, str],
+    fields: Iterable[str],
+    replaces: bool,
+) -> None:
+    """Put our context (``written``, what the propagator injected) into a message's
+    top-level ``headers``, with the marker naming its fields, in place of a stale one.
 
-    ``Task.retry()`` republishes the previous attempt's headers, so an existing value
-    is the old attempt's context and must be replaced, never kept (no ``setdefault``).
+    ``Task.retry()`` and ``replace()`` republish the previous attempt's headers: the
+    fields its marker names are that attempt's context and go. Without a marker (a
+    message of the official instrumentation or an older version of ours), any field of
+    ``fields`` present goes if ``replaces`` (we have a valid context to put there), as
+    before the marker existed. Never removed: a field holding the same string as a nested
+    dict with Sentry's ``sentry-trace``: Sentry's top-level copy of its own baggage.
     """
-
-    def set(self, carrier: MutableMapping[str, Any], key: str, value: str) -> None:
-        carrier[key] = value
-
-
-def drop_fields(headers: MutableMapping[str, Any], fields: Iterable[str]) -> None:
-    """Remove propagation fields copied from an earlier message (retry, replace)."""
-    for field in fields:
-        headers.pop(field, None)
+    stale = headers.get(CONTEXT_HEADER)
+    candidates: Iterable[str] = (
+        stale.split() if isinstance(stale, str) else fields if replaces else ()
+    )
+    looked = False
+    theirs: Mapping[str, Any] | None = None
+    for name in candidates:
+        value = headers.get(name)
+        if value is None or name in written:
+            continue  # absent, or overwritten below anyway
+        if not looked:  # only on a republished message: no lookup on a first publish
+            looked = True
+            theirs = _mapping(headers.get(NESTED_CARRIER_KEY))
+            if theirs is not None and SENTRY_TRACE_HEADER not in theirs:
+                theirs = None
+        if theirs is not None and theirs.get(name) == value:
+            continue  # Sentry's top-level copy of its own baggage
+        del headers[name]
+    headers.update(written)
+    headers[CONTEXT_HEADER] = " ".join(written)
 
 
 def bound_baggage(value: str, max_bytes: int) -> tuple[str, int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import INVALID_SPAN, Link, NonRecordingSpan, SpanContext, TraceFlags
 
 from . import attributes as attrs
@@ -21,9 +22,10 @@ from ._guard import report
 from .beat import entry_of
 from .carrier import (
     PREVIOUS_ATTEMPT_HEADER,
-    REQUEST_GETTER,
     SENT_AT_HEADER,
+    STRING_GETTER,
     TRACE_SHAPE_HEADER,
+    inbound_carrier,
     own_header,
     parse_span_ref,
 )
@@ -77,10 +79,27 @@ def extract(carrier: object) -> Context:
     context to the next (solo, threads and gevent pools reuse threads and greenlets).
     """
     try:
-        return propagate.extract(carrier, context=Context(), getter=REQUEST_GETTER)
+        textmap = propagate.get_global_textmap()
+        return textmap.extract(
+            inbound_carrier(carrier, _fields(textmap)), context=Context(), getter=STRING_GETTER
+        )
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()
+
+
+# (propagator, its fields): CompositePropagator.fields builds a new set on every call,
+# and the global propagator can be replaced at any time.
+_fields_of: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())
+
+
+def _fields(textmap: TextMapPropagator) -> frozenset[str]:
+    global _fields_of
+    known, fields = _fields_of
+    if known is not textmap:
+        fields = frozenset(textmap.fields)
+        _fields_of = (textmap, fields)
+    return fields
 
 
 # W3C trace context, version 00, lowercase hex (what the SDK's propagator accepts).
@@ -98,10 +117,17 @@ def exemplar_context(carrier: object) -> Context:
     one (another propagator, such as B3) is extracted in full, as before; a malformed
     one gives no exemplar. Never a context to run code in: it has no baggage.
     """
-    found = REQUEST_GETTER.get(carrier, "traceparent")
-    if found is None:
+    textmap = propagate.get_global_textmap()
+    fields = _fields(textmap)
+    try:
+        # The one place our context is read from (carrier.inbound_carrier), as extract().
+        value = inbound_carrier(carrier, fields).get("traceparent") if "traceparent" in fields else None
+    except Exception as exc:  # noqa: BLE001 - no exemplar rather than a broken delivery
+        report("exemplar context", exc)
+        return Context()
+    if value is None:
         return extract(carrier)
-    match = _TRACEPARENT.fullmatch(found[0])
+    match = _TRACEPARENT.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         return Context()
     trace_id, span_id, flags = match.groups()

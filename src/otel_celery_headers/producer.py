@@ -42,13 +42,13 @@ from ._outcome import error_type, mark_failed
 from .arguments import Recorder
 from ._state import current_publish
 from .carrier import (
+    CONTEXT_HEADER,
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
     TRACE_SHAPE_HEADER,
-    HeaderSetter,
     bound_baggage,
-    drop_fields,
     span_ref,
+    write_context,
 )
 from .beat import ENTRY_HEADER, BeatMonitor
 from .consumer import publishing_from
@@ -58,8 +58,6 @@ from .options import GlobMatcher, Options
 from .sdk_check import SdkCheck
 
 logger = logging.getLogger("otel_celery_headers")
-
-_SETTER = HeaderSetter()
 
 # Message facts copied onto the publish span, from the headers (or protocol 1's body).
 _FROM_MESSAGE = (("id", attrs.MESSAGING_MESSAGE_ID), *attrs.MESSAGE_FACTS)
@@ -346,19 +344,25 @@ class Producer:
         if textmap is not self._fields_of:
             self._fields = frozenset(textmap.fields)
             self._fields_of = textmap
-        fields = self._fields
-        # A retry or replace republishes the previous message's headers: remove that
-        # stale context so nothing of the old one survives our injection. (A loop over
-        # the few fields, not fields.isdisjoint(headers), which walks every header.)
-        for name in fields:
-            if name in headers:
-                if trace.get_current_span(ctx).get_span_context().is_valid:
-                    drop_fields(headers, fields)
-                break
-        textmap.inject(headers, context=ctx, setter=_SETTER)
-        baggage = headers.get("baggage")
+        # Injected into a dict of its own, so that we know which fields are ours: the
+        # marker names them, and the worker reads those and no other (carrier.py).
+        written: dict[str, str] = {}
+        textmap.inject(written, context=ctx)
+        baggage = written.get("baggage")
         if isinstance(baggage, str) and len(baggage) > self._options.max_baggage_bytes:
-            self._bound_baggage(headers, baggage)
+            self._bound_baggage(written, baggage)
+        # A retry or replace republishes the previous message's headers: that stale
+        # context goes, so nothing of the old one survives; Sentry's and Datadog's
+        # headers stay (write_context). Without our marker, a field already there is
+        # replaced only by a valid context. (A loop over the few fields, not
+        # fields.isdisjoint(headers), which walks every header.)
+        replaces = False
+        if CONTEXT_HEADER not in headers:
+            for name in self._fields:
+                if name in headers:
+                    replaces = trace.get_current_span(ctx).get_span_context().is_valid
+                    break
+        write_context(headers, written, self._fields, replaces)
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
         entry = _beat_entry.get()
         if entry is not None:
@@ -390,7 +394,7 @@ class Producer:
             if links is not None:
                 headers[fanin.CHORD_LINKS_HEADER] = links
 
-    def _bound_baggage(self, headers: MutableMapping[str, Any], baggage: str) -> None:
+    def _bound_baggage(self, headers: dict[str, str], baggage: str) -> None:
         bounded, dropped = bound_baggage(baggage, self._options.max_baggage_bytes)
         if bounded:
             headers["baggage"] = bounded
