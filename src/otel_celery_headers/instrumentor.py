@@ -13,6 +13,7 @@ from celery.app.task import Task
 from celery.beat import Scheduler
 from celery.utils.dispatch import Signal
 from celery.worker import strategy
+from celery.worker.consumer.consumer import Consumer as WorkerConsumer
 from celery.worker.request import Request
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
@@ -25,6 +26,7 @@ from . import options as options_module
 from .consumer import Consumer
 from .deliveries import Deliveries
 from .lifecycle import Flusher
+from .logcontext import LogContext
 from .metrics import Instruments
 from .package import _instruments
 from .producer import Producer
@@ -54,6 +56,10 @@ _WRAPS: tuple[tuple[Any, str, str, str], ...] = (
     # Every worker delivery, counted where its Request lives (deliveries.py).
     (strategy, "create_request_cls", "deliveries", "wrap_request_cls"),
     *((Request, method, "deliveries", hook) for method, hook in _REQUEST_HOOKS.items()),
+    # Main-process log lines about a delivery carry its trace (logcontext.py).
+    (strategy, "default", "logs", "wrap_strategy"),
+    (WorkerConsumer, "on_unknown_task", "logs", "wrap_message_handler"),
+    (WorkerConsumer, "on_invalid_task", "logs", "wrap_message_handler"),
 )
 _SIGNALS: tuple[tuple[Signal, str, str], ...] = (
     (signals.before_task_publish, "producer", "on_before_publish"),
@@ -121,9 +127,11 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         )
         producer = Producer(tracer, options, instruments)
         consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done)
-        deliveries = Deliveries(tracer, options, instruments)
+        logs = LogContext(options)
+        deliveries = Deliveries(tracer, options, instruments, logs)
         self._flusher: Flusher | None = flusher
         self._deliveries: Deliveries | None = deliveries
+        self._logs: LogContext | None = logs
         deliveries.start(Request)
         forkmetrics.forget_in_children(instruments.all())
         health = health_module.Health(options.queue_length)
@@ -135,6 +143,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "consumer": consumer,
             "deliveries": deliveries,
             "flusher": flusher,
+            "logs": logs,
             "health": health,
         }
         for where, attribute, part, method in _WRAPS:
@@ -156,6 +165,10 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             deliveries.stop()
             self._deliveries = None
         forkmetrics.stop()
+        logs = getattr(self, "_logs", None)
+        if logs is not None:
+            logs.stop()
+            self._logs = None
         for signal, _, _ in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
         health_module.activate(None)  # its instruments stay in the SDK, and go quiet

@@ -1,0 +1,136 @@
+"""Every log line Celery or the task writes about a task carries that task's trace, in
+the pool child and in the worker's main process; a line about no task carries none."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from opentelemetry.trace import SpanKind
+
+from tests.conftest import make_app, wait_for
+from tests.support.log_file import read_log_records
+from tests.support.prefork import prefork_worker
+from tests.support.raw import publish_raw
+from tests.support.spans import one, span_id, trace_id
+
+LINE = re.compile(
+    r"^\[(?P<process>[^\]]+)\] trace=(?P<trace>\w+) span=(?P<span>\w+) "
+    r"sampled=(?P<sampled>\w+) service=(?P<service>[^ ]*) \| (?P<message>.*)$"
+)
+# A parent of our own making for the hand-built message.
+RAW_TRACE, RAW_SPAN = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def hexid(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+def parsed(log: str) -> list[dict[str, str]]:
+    return [m.groupdict() for m in map(LINE.match, log.splitlines()) if m]
+
+
+def the_line(lines: list[dict[str, str]], fragment: str) -> dict[str, str]:
+    found = [line for line in lines if fragment in line["message"]]
+    assert len(found) == 1, (fragment, [line["message"] for line in lines])
+    return found[0]
+
+
+def wait_lines(w: Any, *fragments: str, timeout: float = 60) -> list[dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = parsed(w.log())
+        if all(any(f in line["message"] for line in lines) for f in fragments):
+            return lines
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no line for some of {fragments}; log tail:\n{w.log()[-3000:]}")
+        time.sleep(0.1)
+
+
+def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, exporter, tracer, producer_side):
+    """Received, succeeded, the task's own line, hard time limit, lost child, discarded,
+    unregistered, invalid and rejected: each line and each exported log record carries
+    the producer's trace and the right span; "Connected to" and "ready." carry none."""
+    records_file = tmp_path / "log-records.jsonl"
+    env = {"OTEL_PYTHON_LOG_CORRELATION": "true", "LOG_RECORD_FILE": str(records_file),
+           "SPAN_DELAY_MS": "100"}
+    with prefork_worker(redis_url, tmp_path, concurrency=2, app_module="tests.support.log_app",
+                        env=env) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        with tracer.start_as_current_span("request") as root:
+            ok = t.log_line.delay("hello")
+            limited = t.sleep.apply_async((30,), time_limit=1)
+            lost = t.die.delay()
+            expired = t.add.apply_async((1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=30))
+            unknown = app.send_task("t.nope", queue=w.queue)
+            rejected = t.reject_me.delay()
+        assert ok.get(timeout=60) == "hello"
+        with pytest.raises(TimeLimitExceeded):
+            limited.get(timeout=60)
+        with pytest.raises(WorkerLostError):
+            lost.get(timeout=60)
+        invalid = publish_raw(app, "t.add", (1, 2), queue=w.queue, headers={
+            "eta": "not a date", "traceparent": f"00-{RAW_TRACE}-{RAW_SPAN}-01"})
+        wait_lines(w, f"Discarding revoked task: t.add[{expired.id}]", "Received unregistered task",
+                   "Received invalid task message", f"t.reject_me[{rejected.id}]")
+        w.stop()
+        spans = w.spans()
+        log = w.log()
+    records = read_log_records(records_file)
+    lines = parsed(log)
+    trace = hexid(trace_id(root), 32)
+    sent = {task_id: hexid(span_id(wait_for(lambda ps, i=task_id: one(ps, i, SpanKind.PRODUCER))), 16)
+            for task_id in (ok.id, limited.id, lost.id, expired.id, unknown.id, rejected.id)}
+    process = {s["attributes"]["messaging.message.id"]: s["span_id"]
+               for s in spans if s["kind"] == "CONSUMER"}
+    expected = {
+        # Worker main process: the producer's span (the task's span is the child's).
+        f"Task t.log_line[{ok.id}] received": ("MainProcess", trace, sent[ok.id]),
+        f"Hard time limit (1s) exceeded for t.sleep[{limited.id}]": ("MainProcess", trace, sent[limited.id]),
+        "Task handler raised error: TimeLimitExceeded(1)": ("MainProcess", trace, sent[limited.id]),
+        "Task handler raised error: WorkerLostError(": ("MainProcess", trace, sent[lost.id]),
+        f"Discarding revoked task: t.add[{expired.id}]": ("MainProcess", trace, sent[expired.id]),
+        "Received unregistered task of type 't.nope'": ("MainProcess", trace, sent[unknown.id]),
+        "Received invalid task message": ("MainProcess", RAW_TRACE, RAW_SPAN),
+        # Pool child: the task's own CONSUMER span.
+        "task says hello": ("ForkPoolWorker", trace, process[ok.id]),
+        f"Task t.log_line[{ok.id}] succeeded in": ("ForkPoolWorker", trace, process[ok.id]),
+        f"Task t.reject_me[{rejected.id}] reject requeue=False": ("ForkPoolWorker", trace, process[rejected.id]),
+    }
+    for fragment, (where, trace_hex, span_hex) in expected.items():
+        line = the_line(lines, fragment)
+        assert line["process"].startswith(where), (fragment, line)
+        assert (line["trace"], line["span"], line["sampled"], line["service"]) == (
+            trace_hex, span_hex, "True", "worker"), fragment
+        (record,) = [r for r in records if fragment in r["body"]]
+        assert (record["trace_id"], record["span_id"]) == (trace_hex, span_hex), fragment
+    for about_no_task in ("Connected to redis://", f"{w.queue}@localhost ready."):
+        line = the_line(lines, about_no_task)
+        assert (line["trace"], line["span"], line["sampled"]) == ("0", "0", "False")
+        (record,) = [r for r in records if about_no_task in r["body"]]
+        assert (record["trace_id"], record["span_id"]) == ("0" * 32, "0" * 16)
+
+
+def test_without_log_correlation_the_strategy_is_celerys_own():
+    """No record factory and no OpenTelemetry handler: the handler Celery built is
+    returned as is, and no Request hook makes a context current."""
+    import logging
+    from types import SimpleNamespace
+
+    from otel_celery_headers.logcontext import LogContext
+    from otel_celery_headers.options import Options
+
+    assert logging.getLogRecordFactory() is logging.LogRecord
+    logs = LogContext(Options())
+
+    def handler(*args: Any) -> None:
+        pass
+
+    assert logs.wrap_strategy(lambda *a, **k: handler, None, (SimpleNamespace(name="t.add"),), {}) is handler
+    assert logs.on is False
+    assert logs.enter_request(SimpleNamespace(task=SimpleNamespace(name="t.add"))) is None
