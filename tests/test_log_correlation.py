@@ -64,11 +64,15 @@ def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, 
         w.wait_ready(app)
         with tracer.start_as_current_span("request") as root:
             ok = t.log_line.delay("hello")
-            limited = t.sleep.apply_async((30,), time_limit=1)
-            lost = t.die.delay()
             expired = t.add.apply_async((1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=30))
             unknown = app.send_task("t.nope", queue=w.queue)
             rejected = t.reject_me.delay()
+            # Their spans are exported before a child is killed below (a killed child
+            # takes the spans it has not flushed yet with it).
+            w.wait_spans(lambda spans: {ok.id, rejected.id} <= {
+                s["attributes"].get("messaging.message.id") for s in spans if s["kind"] == "CONSUMER"})
+            limited = t.sleep.apply_async((30,), time_limit=1)
+            lost = t.die.delay()
         assert ok.get(timeout=60) == "hello"
         with pytest.raises(TimeLimitExceeded):
             limited.get(timeout=60)
