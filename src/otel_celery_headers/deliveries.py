@@ -60,7 +60,7 @@ from opentelemetry.trace import Tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
 
 from . import attributes as attrs
-from . import endings
+from . import endings, quiet
 from ._guard import report
 from ._outcome import unwrap
 from .delivery_metrics import DeliveryMetrics
@@ -223,7 +223,9 @@ class Deliveries:
             if inbound is None:
                 inbound = request_inbound(request)
             base, _, _ = relate(inbound, self._options.for_task(str(request.task.name))[1])
-            return otel_context.attach(base)
+            # Celery's own acks and backend writes in here stay quiet (quiet.py); a
+            # retry it publishes is lifted by producer.py.
+            return otel_context.attach(quiet.carried(base))
         except Exception as exc:  # noqa: BLE001
             report("Request.on_failure context", exc)
             return None

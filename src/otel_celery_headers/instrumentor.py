@@ -12,6 +12,10 @@ from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
 from celery.utils.dispatch import Signal
+from celery.worker.pidbox import gPidbox
+from kombu.asynchronous.timer import Entry as TimerEntry
+from billiard.pool import Pool as BilliardPool
+from kombu.message import Message
 from celery.worker import strategy
 from celery.worker.consumer.consumer import Consumer as WorkerConsumer
 from celery.worker.request import Request
@@ -30,6 +34,8 @@ from .logcontext import LogContext
 from .metrics import Instruments
 from .package import _instruments
 from .producer import Producer
+from .queue_length import QueueLengths
+from .quiet import Quiet
 from .version import __version__
 
 logger = logging.getLogger("otel_celery_headers")
@@ -60,6 +66,24 @@ _WRAPS: tuple[tuple[Any, str, str, str], ...] = (
     (strategy, "default", "logs", "wrap_strategy"),
     (WorkerConsumer, "on_unknown_task", "logs", "wrap_message_handler"),
     (WorkerConsumer, "on_invalid_task", "logs", "wrap_message_handler"),
+)
+# The worker's own broker traffic under suppression (quiet.py), wrapped only while
+# suppress_broker_traffic is on: nothing is paid per ack when it is off.
+_QUIET_WRAPS: tuple[tuple[Any, str, str, str], ...] = (
+    (WorkerConsumer, "start", "quiet", "wrap_quiet"),
+    # Its warm shutdown: pidbox unbind (SREM), unacked restore, queue cleanup.
+    (WorkerConsumer, "stop", "quiet", "wrap_quiet"),
+    (WorkerConsumer, "shutdown", "quiet", "wrap_quiet"),
+    (Message, "ack", "quiet", "wrap_quiet"),
+    (Message, "reject", "quiet", "wrap_quiet"),
+    (Message, "requeue", "quiet", "wrap_quiet"),
+    # gevent and eventlet pools: the pidbox loop is a greenlet of its own
+    # (celery/worker/pidbox.py gPidbox), each timer entry too (heartbeats, unacked
+    # restore); every other pool runs timer entries in its loop or timer thread.
+    (gPidbox, "loop", "quiet", "wrap_quiet"),
+    (TimerEntry, "__call__", "quiet", "wrap_quiet"),
+    (QueueLengths, "_run", "quiet", "wrap_quiet"),
+    (BilliardPool, "_create_worker_process", "quiet", "wrap_fork"),
 )
 _SIGNALS: tuple[tuple[Signal, str, str], ...] = (
     (signals.before_task_publish, "producer", "on_before_publish"),
@@ -128,6 +152,8 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         producer = Producer(tracer, options, instruments)
         consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done)
         logs = LogContext(options)
+        quiet = Quiet()
+        self._quiet: Quiet | None = quiet
         deliveries = Deliveries(tracer, options, instruments, logs)
         self._flusher: Flusher | None = flusher
         self._deliveries: Deliveries | None = deliveries
@@ -144,9 +170,11 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "deliveries": deliveries,
             "flusher": flusher,
             "logs": logs,
+            "quiet": quiet,
             "health": health,
         }
-        for where, attribute, part, method in _WRAPS:
+        wraps = _WRAPS + (_QUIET_WRAPS if options.suppress_broker_traffic else ())
+        for where, attribute, part, method in wraps:
             if hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
                 wrap_function_wrapper(where, attribute, getattr(parts[part], method))
         for signal, part, method in _SIGNALS:
@@ -157,9 +185,13 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._stand_in_for_official()
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        for where, attribute, _, _ in _WRAPS:
+        for where, attribute, _, _ in _WRAPS + _QUIET_WRAPS:
             if hasattr(where, attribute):
-                unwrap(where, attribute)
+                unwrap(where, attribute)  # a no-op where nothing was wrapped
+        quiet = getattr(self, "_quiet", None)
+        if quiet is not None:
+            quiet.active = False  # a running consumer's start() stays wrapped until it returns
+            self._quiet = None
         deliveries = getattr(self, "_deliveries", None)
         if deliveries is not None:
             deliveries.stop()

@@ -33,8 +33,10 @@ from contextvars import Token
 from typing import Any
 
 from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context
 
+from . import quiet
 from ._guard import report
 from .inbound import Headers, extract, relate
 from .options import Options
@@ -108,9 +110,9 @@ class LogContext:
             if excluded:
                 return None
             base = relate(request_inbound(request), shape)[0]
-            if base is otel_context.get_current():  # inside the strategy's handler already
-                return None
-            return otel_context.attach(base)
+            if trace.get_current_span() is trace.get_current_span(base):
+                return None  # inside the strategy's handler already: nothing to add
+            return otel_context.attach(quiet.carried(base))
         except Exception as exc:  # noqa: BLE001
             report("log context", exc)
             return None
@@ -120,7 +122,8 @@ class LogContext:
             excluded, shape = self._options.for_task(name)
             if excluded:
                 return None
-            return otel_context.attach(relate(message_inbound(message), shape)[0])
+            # Celery's own acks and backend writes in here stay quiet (quiet.py).
+            return otel_context.attach(quiet.carried(relate(message_inbound(message), shape)[0]))
         except Exception as exc:  # noqa: BLE001
             report("log context", exc)
             return None

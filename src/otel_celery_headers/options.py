@@ -69,6 +69,7 @@ class InstrumentKwargs(TypedDict, total=False):
     child_flush_interval_ms: int
     chord_links: bool
     queue_length: bool
+    suppress_broker_traffic: bool
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class Options:
     chord_links: bool = True
     #: A thread of the worker's main process reads celery.queue.length from the broker.
     queue_length: bool = True
+    #: The worker's own broker and result-backend traffic runs with client
+    #: instrumentation (redis, amqp) suppressed: no one-span traces of polling and
+    #: acks (quiet.py). False: every command of it is a trace again.
+    suppress_broker_traffic: bool = True
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -290,6 +295,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("child_flush_interval_ms", _check_count, _parse_count),
     _Option("chord_links", _check_bool, _parse_bool),
     _Option("queue_length", _check_bool, _parse_bool),
+    _Option("suppress_broker_traffic", _check_bool, _parse_bool),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with
