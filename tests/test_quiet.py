@@ -133,3 +133,23 @@ def test_the_wrappers_exist_only_while_the_option_is_on():
     instrumentor = instrument(suppress_broker_traffic=False)
     assert wrapped() == [False, False]
     instrumentor.uninstrument()
+
+
+def test_pool_children_forked_by_the_loop_are_not_quiet(redis_url, tmp_path, exporter, producer_side):
+    """max_tasks_per_child=1: billiard forks each replacement child from inside the quiet
+    event loop; user code in a child outside any task (a worker_process_init receiver's
+    Redis call) still makes its span, in the first child and in each replacement."""
+    env = {"SPAN_DELAY_MS": "100", "CHILD_INIT_REDIS": "1"}
+    with prefork_worker(redis_url, tmp_path, concurrency=1, max_tasks_per_child=1,
+                        app_module="tests.support.quiet_app", env=env) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        for i in range(2):
+            assert t.add.delay(i, i).get(timeout=60) == 2 * i
+        # The third child, forked after the second task, has run its init when it answers.
+        w.wait_spans(lambda spans: len([s for s in spans if s["parent_id"] is None]) == 3)
+        w.stop()
+        spans = w.spans()
+    roots = [s for s in spans if s["parent_id"] is None]
+    assert sorted(s["name"] for s in roots) == ["SET", "SET", "SET"]
+    assert len({s["pid"] for s in roots}) == 3  # three children, two forked by the loop
