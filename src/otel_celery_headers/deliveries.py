@@ -460,23 +460,21 @@ def _subclass_execute(
             otel_context.detach(token)
 
 
-def _hook_execute(cls: type) -> None:
-    own = vars(cls).get("execute_using_pool")
+def _hook(cls: type, method: str, wrapper: Callable[..., Any]) -> None:
+    """Wrap a method a per-task Request class overrides (create_request_cls), once
+    per class."""
+    own = vars(cls).get(method)
     if own is None or isinstance(own, FunctionWrapper):
         return
     try:
-        wrap_function_wrapper(cls, "execute_using_pool", _subclass_execute)
+        wrap_function_wrapper(cls, method, wrapper)
     except Exception as exc:  # noqa: BLE001
-        report("Request subclass execute_using_pool", exc)
+        report(f"Request subclass {method}", exc)
+
+
+def _hook_execute(cls: type) -> None:
+    _hook(cls, "execute_using_pool", _subclass_execute)
 
 
 def _hook_subclass(cls: type) -> None:
-    """Wrap the on_success a per-task Request class overrides (create_request_cls),
-    once per class."""
-    own = vars(cls).get("on_success")
-    if own is None or isinstance(own, FunctionWrapper):
-        return
-    try:
-        wrap_function_wrapper(cls, "on_success", _subclass_on_success)
-    except Exception as exc:  # noqa: BLE001
-        report("Request subclass on_success", exc)
+    _hook(cls, "on_success", _subclass_on_success)

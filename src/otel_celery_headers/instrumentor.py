@@ -7,18 +7,18 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
+from billiard.pool import Pool as BilliardPool
 from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
 from celery.utils.dispatch import Signal
-from celery.worker.pidbox import gPidbox
-from kombu.asynchronous.timer import Entry as TimerEntry
-from billiard.pool import Pool as BilliardPool
-from kombu.message import Message
 from celery.worker import strategy
 from celery.worker.consumer.consumer import Consumer as WorkerConsumer
+from celery.worker.pidbox import gPidbox
 from celery.worker.request import Request
+from kombu.asynchronous.timer import Entry as TimerEntry
+from kombu.message import Message
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
