@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -52,8 +53,8 @@ def wait_lines(w: Any, *fragments: str, timeout: float = 60) -> list[dict[str, s
 
 
 def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, exporter, tracer, producer_side):
-    """Received, succeeded, the task's own line, hard time limit, lost child, discarded,
-    unregistered, invalid and rejected: each line and each exported log record carries
+    """Received, succeeded, the task's own line, hard time limit, lost child, discarded
+    (expired, and revoked by id), unregistered, invalid and rejected: each line and each exported log record carries
     the producer's trace and the right span; "Connected to" and "ready." carry none."""
     records_file = tmp_path / "log-records.jsonl"
     env = {"OTEL_PYTHON_LOG_CORRELATION": "true", "LOG_RECORD_FILE": str(records_file),
@@ -62,8 +63,12 @@ def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, 
                         env=env) as w:
         app, t = make_app(redis_url, task_default_queue=w.queue)
         w.wait_ready(app)
+        revoked_id = str(uuid.uuid4())
+        # reply=True: the worker has the id in its revoked set before the message comes.
+        assert app.control.revoke(revoked_id, destination=[f"{w.queue}@localhost"], reply=True)
         with tracer.start_as_current_span("request") as root:
             ok = t.log_line.delay("hello")
+            revoked = t.add.apply_async((1, 1), task_id=revoked_id)
             expired = t.add.apply_async((1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=30))
             unknown = app.send_task("t.nope", queue=w.queue)
             rejected = t.reject_me.delay()
@@ -80,7 +85,7 @@ def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, 
             lost.get(timeout=60)
         invalid = publish_raw(app, "t.add", (1, 2), queue=w.queue, headers={
             "eta": "not a date", "traceparent": f"00-{RAW_TRACE}-{RAW_SPAN}-01"})
-        wait_lines(w, f"Discarding revoked task: t.add[{expired.id}]", "Received unregistered task",
+        wait_lines(w, f"Discarding revoked task: t.add[{expired.id}]", f"Discarding revoked task: t.add[{revoked.id}]", "Received unregistered task",
                    "Received invalid task message", f"t.reject_me[{rejected.id}]")
         w.stop()
         spans = w.spans()
@@ -89,7 +94,7 @@ def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, 
     lines = parsed(log)
     trace = hexid(trace_id(root), 32)
     sent = {task_id: hexid(span_id(wait_for(lambda ps, i=task_id: one(ps, i, SpanKind.PRODUCER))), 16)
-            for task_id in (ok.id, limited.id, lost.id, expired.id, unknown.id, rejected.id)}
+            for task_id in (ok.id, limited.id, lost.id, expired.id, revoked.id, unknown.id, rejected.id)}
     process = {s["attributes"]["messaging.message.id"]: s["span_id"]
                for s in spans if s["kind"] == "CONSUMER"}
     expected = {
@@ -99,6 +104,7 @@ def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, 
         "Task handler raised error: TimeLimitExceeded(1)": ("MainProcess", trace, sent[limited.id]),
         "Task handler raised error: WorkerLostError(": ("MainProcess", trace, sent[lost.id]),
         f"Discarding revoked task: t.add[{expired.id}]": ("MainProcess", trace, sent[expired.id]),
+        f"Discarding revoked task: t.add[{revoked.id}]": ("MainProcess", trace, sent[revoked.id]),
         "Received unregistered task of type 't.nope'": ("MainProcess", trace, sent[unknown.id]),
         "Received invalid task message": ("MainProcess", RAW_TRACE, RAW_SPAN),
         # Pool child: the task's own CONSUMER span.
