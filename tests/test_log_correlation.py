@@ -126,6 +126,50 @@ def test_prefork_every_line_about_a_task_carries_its_trace(redis_url, tmp_path, 
         assert (record["trace_id"], record["span_id"]) == ("0" * 32, "0" * 16)
 
 
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_one_process_pools_lines_carry_the_trace(pool, redis_url, tmp_path, exporter, tracer, producer_side):
+    """Solo and threads: the task runs in the consuming process; its lines carry its
+    process span, "received", "Discarding revoked task" and "Received unregistered task"
+    the producer's span; "ready." carries none."""
+    records_file = tmp_path / "log-records.jsonl"
+    env = {"OTEL_PYTHON_LOG_CORRELATION": "true", "LOG_RECORD_FILE": str(records_file),
+           "SPAN_DELAY_MS": "100"}
+    with prefork_worker(redis_url, tmp_path, pool=pool, concurrency=2,
+                        app_module="tests.support.log_app", env=env) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        with tracer.start_as_current_span("request") as root:
+            ok = t.log_line.delay("hello")
+            expired = t.add.apply_async((1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=30))
+            unknown = app.send_task("t.nope", queue=w.queue)
+        assert ok.get(timeout=60) == "hello"
+        wait_lines(w, f"Discarding revoked task: t.add[{expired.id}]", "Received unregistered task")
+        w.stop()
+        spans = w.spans()
+        log = w.log()
+    records = read_log_records(records_file)
+    lines = parsed(log)
+    trace = hexid(trace_id(root), 32)
+    sent = {task_id: hexid(span_id(wait_for(lambda ps, i=task_id: one(ps, i, SpanKind.PRODUCER))), 16)
+            for task_id in (ok.id, expired.id, unknown.id)}
+    (process,) = [s["span_id"] for s in spans if s["kind"] == "CONSUMER"
+                  and s["attributes"]["messaging.message.id"] == ok.id]
+    expected = {
+        f"Task t.log_line[{ok.id}] received": sent[ok.id],
+        "task says hello": process,
+        f"Task t.log_line[{ok.id}] succeeded in": process,
+        f"Discarding revoked task: t.add[{expired.id}]": sent[expired.id],
+        "Received unregistered task of type 't.nope'": sent[unknown.id],
+    }
+    for fragment, span_hex in expected.items():
+        line = the_line(lines, fragment)
+        assert (line["trace"], line["span"]) == (trace, span_hex), fragment
+        (record,) = [r for r in records if fragment in r["body"]]
+        assert (record["trace_id"], record["span_id"]) == (trace, span_hex), fragment
+    line = the_line(lines, f"{w.queue}@localhost ready.")
+    assert (line["trace"], line["span"]) == ("0", "0")
+
+
 def test_without_log_correlation_the_strategy_is_celerys_own():
     """No record factory and no OpenTelemetry handler: the handler Celery built is
     returned as is, and no Request hook makes a context current."""
@@ -144,3 +188,36 @@ def test_without_log_correlation_the_strategy_is_celerys_own():
     assert logs.wrap_strategy(lambda *a, **k: handler, None, (SimpleNamespace(name="t.add"),), {}) is handler
     assert logs.on is False
     assert logs.enter_request(SimpleNamespace(task=SimpleNamespace(name="t.add"))) is None
+
+
+def test_excluded_link_and_ignore_tasks_lend_their_lines_no_trace():
+    """A task in exclude_tasks, or of trace shape link or ignore: the main process makes
+    no producer's span current for its lines (its trace starts in the child, or never)."""
+    from types import SimpleNamespace
+
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from otel_celery_headers import options
+    from otel_celery_headers.logcontext import LogContext
+
+    opts = options.load({"exclude_tasks": ["t.excluded"],
+                         "trace_shape": {"t.linked": "link", "t.ignored": "ignore"}})
+    logs = LogContext(opts)
+    logs.on = True
+
+    def current_trace_of(name: str) -> str:
+        headers = {"task": name, "traceparent": f"00-{RAW_TRACE}-{RAW_SPAN}-01"}
+        request = SimpleNamespace(task=SimpleNamespace(name=name), request_dict=headers,
+                                  _message=SimpleNamespace(headers=headers))
+        token = logs.enter_request(request)
+        try:
+            return hexid(trace.get_current_span().get_span_context().trace_id, 32)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    assert current_trace_of("t.child") == RAW_TRACE
+    assert current_trace_of("t.excluded") == "0" * 32
+    assert current_trace_of("t.linked") == "0" * 32
+    assert current_trace_of("t.ignored") == "0" * 32
