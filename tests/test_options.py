@@ -33,6 +33,7 @@ def test_defaults():
     assert opts.exclude_tasks == () and opts.trace_shape == "child"
     assert opts.max_baggage_bytes == 8192 and opts.flush_timeout_ms == 5000
     assert opts.child_flush_interval_ms == 200 and opts.chord_links is True
+    assert opts.suppress_broker_traffic is True
     assert opts.publish_hook is None and opts.process_hook is None
     assert opts.for_task("anything") == (False, "child")
 
@@ -56,10 +57,12 @@ def test_environment_is_read_at_load_time(monkeypatch, our_log):
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_FLUSH_TIMEOUT_MS", " 0 ")
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_CHILD_FLUSH_INTERVAL_MS", "50")
     monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_CHORD_LINKS", " Off ")
+    monkeypatch.setenv("OTEL_PYTHON_CELERY_HEADERS_SUPPRESS_BROKER_TRAFFIC", "false")
     opts = options.load({})
     assert opts.exclude_tasks == ("celery.*", "health.check")
     assert opts.trace_shape == {"reports.*": "link", "untrusted.*": "ignore"}
     assert opts.chord_links is False
+    assert opts.suppress_broker_traffic is False
     assert opts.for_task("celery.chord_unlock") == (True, "child")
     assert opts.for_task("health.check") == (True, "child")
     assert opts.for_task("reports.daily") == (False, "link")
@@ -168,6 +171,7 @@ BAD_KEYWORDS = [
      "process_hook='tests.test_options:shape_of_len'", "expected a callable or None"),
     ({"chord_links": "no"}, "chord_links='no'", "expected True or False"),
     ({"chord_links": 0}, "chord_links=0", "expected True or False"),
+    ({"suppress_broker_traffic": "off"}, "suppress_broker_traffic='off'", "expected True or False"),
     ({"exclude_task": ["celery.*"]}, "exclude_task=['celery.*']",
      "unknown keyword; did you mean exclude_tasks?"),
     ({"colour": "blue"}, "colour='blue'", "unknown keyword"),

@@ -60,12 +60,13 @@ from opentelemetry.trace import Tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
 
 from . import attributes as attrs
-from . import endings
+from . import endings, quiet
 from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import DeliveryMetrics
-from .inbound import destination_of, exemplar_context, extract, queue_time, relate, shape_of
+from .inbound import Headers, destination_of, exemplar_context, queue_time, relate, shape_of
+from .logcontext import LogContext, message_inbound, request_inbound, stashed_inbound
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
@@ -98,13 +99,6 @@ _claim = threading.Lock()
 _handling: ContextVar[_Delivery | None] = ContextVar("otel_celery_handling", default=None)
 
 
-class _Headers:
-    """A Request's message headers, read the way inbound.py reads ``task.request``."""
-
-    def __init__(self, headers: dict[str, Any]) -> None:
-        self.__dict__ = headers  # the Request's own dict: no copy
-
-
 def _delivery(request: Any) -> _Delivery:
     found = getattr(request, _ATTR, None)
     if found is None:
@@ -130,8 +124,11 @@ def _lost(exc: BaseException) -> BaseException:
 
 
 class Deliveries:
-    def __init__(self, tracer: Tracer, options: Options, instruments: Instruments) -> None:
+    def __init__(
+        self, tracer: Tracer, options: Options, instruments: Instruments, logs: LogContext
+    ) -> None:
         self._options = options
+        self._logs = logs
         self._metrics = DeliveryMetrics(instruments, options)
         self._spans = MainProcessSpans(tracer, options)
         self.active = True
@@ -162,18 +159,27 @@ class Deliveries:
         """celery.worker.strategy.create_request_cls: the per-task Request subclass."""
         cls = wrapped(*args, **kwargs)
         _hook_subclass(cls)
+        if self._logs.on:  # decided by the strategy that builds this class (logcontext.py)
+            _hook_execute(cls)
         return cls
 
     def wrap_accepted(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
-        if self.active:
+        if not self.active:
+            return wrapped(*args, **kwargs)
+        # Its debug line, and the revoke of a task terminated before it started.
+        token = self._logs.enter_request(instance)
+        try:
             try:
                 self._accepted(instance, args[1] if len(args) > 1 else kwargs.get("time_accepted"))
             except Exception as exc:  # noqa: BLE001
                 report("Request.on_accepted", exc)
-        # After: on_accepted may terminate a task revoked before it started.
-        return wrapped(*args, **kwargs)
+            # After: on_accepted may terminate a task revoked before it started.
+            return wrapped(*args, **kwargs)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
     def wrap_success(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
@@ -215,11 +221,14 @@ class Deliveries:
     def _activate(self, request: Any, delivery: _Delivery) -> Token[Context] | None:
         try:
             # The whole context (baggage too): what the task's own code would publish with.
-            headers = _Headers(request.request_dict)
-            inbound = extract(headers)
-            shape = shape_of(self._options.for_task(str(request.task.name))[1], headers)
+            inbound = request_inbound(request)
+            shape = shape_of(
+                self._options.for_task(str(request.task.name))[1], Headers(request.request_dict)
+            )
             base, _, _ = relate(inbound, shape)
-            return otel_context.attach(base)
+            # Celery's own acks and backend writes in here stay quiet (quiet.py); a
+            # retry it publishes is lifted by producer.py.
+            return otel_context.attach(quiet.carried(base))
         except Exception as exc:  # noqa: BLE001
             report("Request.on_failure context", exc)
             return None
@@ -228,14 +237,24 @@ class Deliveries:
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
         soft = args[0] if args else kwargs.get("soft")
-        if soft or not self.active:
+        if not self.active:
             return wrapped(*args, **kwargs)
+        # "Soft/Hard time limit (...) exceeded for ..." is logged in here.
+        token = self._logs.enter_request(instance)
+        if soft:
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
         delivery = _delivery(instance)
         marker = _handling.set(delivery)
         try:
             return wrapped(*args, **kwargs)
         finally:
             _handling.reset(marker)
+            if token is not None:
+                otel_context.detach(token)
             try:
                 timeout = args[1] if len(args) > 1 else kwargs.get("timeout")
                 failure = delivery.failure or TimeLimitExceeded(timeout)
@@ -337,8 +356,11 @@ class Deliveries:
             # No MeterProvider: nobody records time in queue or exemplars, so the
             # headers are not read (a failure's context is extracted when needed).
             return
-        headers = _Headers(request.request_dict)
-        delivery.exemplar = exemplar_context(headers)
+        headers = Headers(request.request_dict)
+        # The context log correlation extracted for this message (logcontext.py), else
+        # the producer's span alone: all an exemplar needs (inbound.exemplar_context).
+        exemplar = stashed_inbound(request)
+        delivery.exemplar = exemplar if exemplar is not None else exemplar_context(headers)
         waited = queue_time(headers)
         if waited is not None:
             self._metrics.accepted(
@@ -356,7 +378,7 @@ class Deliveries:
             return  # the usual success, without a MeterProvider: nothing to record
         now = time.monotonic()
         name, system, destination = self._facts(request)
-        headers = _Headers(request.request_dict)
+        headers = Headers(request.request_dict)
         span = None
         # A child lost after it ended the span (endings.py) has told the trace already;
         # the metric still records what Celery made of the delivery.
@@ -367,6 +389,7 @@ class Deliveries:
                 start=getattr(request, "time_start", None),
                 delivery=request.delivery_info,
                 failure=outcome.error,
+                inbound=request_inbound(request),
                 extra={**(outcome.extra or {}),
                        **({attrs.CELERY_DELIVERY_REQUEUED: True} if outcome.state == "REQUEUED" else {})},
             )
@@ -391,7 +414,7 @@ class Deliveries:
         """A message that never became a Request: its headers are all we have."""
         try:
             raw = getattr(message, "headers", None)
-            headers = _Headers(dict(raw) if isinstance(raw, Mapping) else {})
+            headers = Headers(dict(raw) if isinstance(raw, Mapping) else {})
             task_id = task_id or getattr(headers, "id", None)
             name = str(name or getattr(headers, "task", None) or "unknown")
             app = getattr(sender, "app", None)
@@ -400,6 +423,7 @@ class Deliveries:
             span = self._spans.emit(
                 task_id if isinstance(task_id, str) else "", name, system, headers,
                 state=state, delivery=delivery, failure=failure,
+                inbound=message_inbound(message),
             )
             destination = destination_of(delivery)
             self._metrics.finished(
@@ -434,13 +458,35 @@ def _subclass_on_success(
     return current.wrap_success(wrapped, instance, args, kwargs)
 
 
-def _hook_subclass(cls: type) -> None:
-    """Wrap the on_success a per-task Request class overrides (create_request_cls),
-    once per class."""
-    own = vars(cls).get("on_success")
+def _subclass_execute(
+    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+) -> Any:
+    """A delivery leaving the timer (eta, rate limit) may be discarded as revoked
+    here (``Request.revoked``): its line carries the delivery's trace."""
+    current = _current
+    token = None if current is None else current._logs.enter_request(instance)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+
+
+def _hook(cls: type, method: str, wrapper: Callable[..., Any]) -> None:
+    """Wrap a method a per-task Request class overrides (create_request_cls), once
+    per class."""
+    own = vars(cls).get(method)
     if own is None or isinstance(own, FunctionWrapper):
         return
     try:
-        wrap_function_wrapper(cls, "on_success", _subclass_on_success)
+        wrap_function_wrapper(cls, method, wrapper)
     except Exception as exc:  # noqa: BLE001
-        report("Request subclass on_success", exc)
+        report(f"Request subclass {method}", exc)
+
+
+def _hook_execute(cls: type) -> None:
+    _hook(cls, "execute_using_pool", _subclass_execute)
+
+
+def _hook_subclass(cls: type) -> None:
+    _hook(cls, "on_success", _subclass_on_success)

@@ -32,6 +32,13 @@ from .carrier import (
 from .options import TraceShape, _shape
 
 
+class Headers:
+    """Message headers (or a Request's ``request_dict``), read the way ``task.request`` is."""
+
+    def __init__(self, headers: dict[str, Any]) -> None:
+        self.__dict__ = headers  # the caller's own dict: no copy
+
+
 def relate(inbound: Context, shape: TraceShape) -> tuple[Context, Context, list[Link] | None]:
     """(context made current, parent of the span, links) for a trace shape."""
     if shape == "child":

@@ -7,13 +7,18 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
+from billiard.pool import Pool as BilliardPool
 from celery import signals
 from celery.app.base import Celery
 from celery.app.task import Task
 from celery.beat import Scheduler
 from celery.utils.dispatch import Signal
 from celery.worker import strategy
+from celery.worker.consumer.consumer import Consumer as WorkerConsumer
+from celery.worker.pidbox import gPidbox
 from celery.worker.request import Request
+from kombu.asynchronous.timer import Entry as TimerEntry
+from kombu.message import Message
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
@@ -26,9 +31,12 @@ from . import options as options_module
 from .consumer import Consumer
 from .deliveries import Deliveries
 from .lifecycle import Flusher
+from .logcontext import LogContext
 from .metrics import Instruments
 from .package import _instruments
 from .producer import Producer
+from .queue_length import QueueLengths
+from .quiet import Quiet
 from .sdk_check import SdkCheck
 from .version import __version__
 
@@ -57,6 +65,28 @@ _WRAPS: tuple[tuple[Any, str, str, str], ...] = (
     # Every worker delivery, counted where its Request lives (deliveries.py).
     (strategy, "create_request_cls", "deliveries", "wrap_request_cls"),
     *((Request, method, "deliveries", hook) for method, hook in _REQUEST_HOOKS.items()),
+    # Main-process log lines about a delivery carry its trace (logcontext.py).
+    (strategy, "default", "logs", "wrap_strategy"),
+    (WorkerConsumer, "on_unknown_task", "logs", "wrap_message_handler"),
+    (WorkerConsumer, "on_invalid_task", "logs", "wrap_message_handler"),
+)
+# The worker's own broker traffic under suppression (quiet.py), wrapped only while
+# suppress_broker_traffic is on: nothing is paid per ack when it is off.
+_QUIET_WRAPS: tuple[tuple[Any, str, str, str], ...] = (
+    (WorkerConsumer, "start", "quiet", "wrap_quiet"),
+    # Its warm shutdown: pidbox unbind (SREM), unacked restore, queue cleanup.
+    (WorkerConsumer, "stop", "quiet", "wrap_quiet"),
+    (WorkerConsumer, "shutdown", "quiet", "wrap_quiet"),
+    (Message, "ack", "quiet", "wrap_quiet"),
+    (Message, "reject", "quiet", "wrap_quiet"),
+    (Message, "requeue", "quiet", "wrap_quiet"),
+    # gevent and eventlet pools: the pidbox loop is a greenlet of its own
+    # (celery/worker/pidbox.py gPidbox), each timer entry too (heartbeats, unacked
+    # restore); every other pool runs timer entries in its loop or timer thread.
+    (gPidbox, "loop", "quiet", "wrap_quiet"),
+    (TimerEntry, "__call__", "quiet", "wrap_quiet"),
+    (QueueLengths, "_run", "quiet", "wrap_quiet"),
+    (BilliardPool, "_create_worker_process", "quiet", "wrap_fork"),
 )
 _SIGNALS: tuple[tuple[Signal, str, str], ...] = (
     (signals.before_task_publish, "producer", "on_before_publish"),
@@ -128,9 +158,13 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         beat_module.activate(beat)
         producer = Producer(tracer, options, instruments, sdk, beat)
         consumer = Consumer(tracer, options, instruments, after_task=flusher.task_done, sdk=sdk)
-        deliveries = Deliveries(tracer, options, instruments)
+        logs = LogContext(options)
+        quiet = Quiet()
+        self._quiet: Quiet | None = quiet
+        deliveries = Deliveries(tracer, options, instruments, logs)
         self._flusher: Flusher | None = flusher
         self._deliveries: Deliveries | None = deliveries
+        self._logs: LogContext | None = logs
         deliveries.start(Request)
         forkmetrics.forget_in_children(instruments.all())
         health = health_module.Health(options.queue_length, options.metrics_worker_hostname)
@@ -142,10 +176,13 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "consumer": consumer,
             "deliveries": deliveries,
             "flusher": flusher,
+            "logs": logs,
+            "quiet": quiet,
             "health": health,
             "beat": beat,
         }
-        for where, attribute, part, method in _WRAPS:
+        wraps = _WRAPS + (_QUIET_WRAPS if options.suppress_broker_traffic else ())
+        for where, attribute, part, method in wraps:
             if hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
                 wrap_function_wrapper(where, attribute, getattr(parts[part], method))
         for signal, part, method in _SIGNALS:
@@ -156,14 +193,22 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._stand_in_for_official()
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        for where, attribute, _, _ in _WRAPS:
+        for where, attribute, _, _ in _WRAPS + _QUIET_WRAPS:
             if hasattr(where, attribute):
-                unwrap(where, attribute)
+                unwrap(where, attribute)  # a no-op where nothing was wrapped
+        quiet = getattr(self, "_quiet", None)
+        if quiet is not None:
+            quiet.active = False  # a running consumer's start() stays wrapped until it returns
+            self._quiet = None
         deliveries = getattr(self, "_deliveries", None)
         if deliveries is not None:
             deliveries.stop()
             self._deliveries = None
         forkmetrics.stop()
+        logs = getattr(self, "_logs", None)
+        if logs is not None:
+            logs.stop()
+            self._logs = None
         for signal, _, _ in _SIGNALS:
             signal.disconnect(dispatch_uid=_UID + signal.name)
         health_module.activate(None)  # its instruments stay in the SDK, and go quiet

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Tracer
 
 from . import attributes as attrs
@@ -37,12 +38,16 @@ class MainProcessSpans:
         delivery: Any = None,
         failure: BaseException | None = None,
         extra: dict[str, Any] | None = None,
+        inbound: Context | None = None,
     ) -> Span | None:
         """One ended span for this delivery; None for an excluded task."""
         excluded, shape = self._options.for_task(name)
         if excluded:
             return None
-        _, parent, links = relate(extract(carrier), shape_of(shape, carrier))
+        # inbound: the context already extracted from these headers (logcontext.py).
+        _, parent, links = relate(
+            extract(carrier) if inbound is None else inbound, shape_of(shape, carrier)
+        )
         attributes: dict[str, Any] = {
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,

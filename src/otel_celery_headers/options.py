@@ -81,6 +81,7 @@ class InstrumentKwargs(TypedDict, total=False):
     metrics_worker_hostname: str | Callable[[str], str]
     #: Globs of task names published without a span of their own.
     no_publish_span: str | Iterable[str]
+    suppress_broker_traffic: bool
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class Options:
     #: Task-name globs published without a PRODUCER span: the caller's context is
     #: injected, so the process span is the caller's child. Metrics still count them.
     no_publish_span: tuple[str, ...] = ()
+    #: The worker's own broker and result-backend traffic runs with client
+    #: instrumentation (redis, amqp) suppressed: no one-span traces of polling and
+    #: acks (quiet.py). False: every command of it is a trace again.
+    suppress_broker_traffic: bool = True
     _cache: dict[str, tuple[bool, TraceShape]] = field(default_factory=dict, compare=False)
 
     def for_task(self, name: str) -> tuple[bool, TraceShape]:
@@ -359,6 +364,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("max_arguments_chars", _check_count, _parse_count),
     _Option("metrics_worker_hostname", _check_hostname_rule, _parse_hostname_rule),
     _Option("no_publish_span", _check_globs, _parse_globs),
+    _Option("suppress_broker_traffic", _check_bool, _parse_bool),
 )
 
 #: Providers, read by the instrumentor itself: None (the global one) or an object with

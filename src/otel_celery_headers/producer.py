@@ -36,7 +36,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
-from . import fanin, scoped
+from . import fanin, quiet, scoped
 from ._guard import report
 from ._outcome import error_type, mark_failed
 from .arguments import Recorder
@@ -220,7 +220,9 @@ class Producer:
         if recording and not parent_sampled:
             span.set_attributes(self._message_attributes(facts, {}))
         publish.span = span
-        publish.context = trace.set_span_in_context(span, caller)
+        # A publish from the worker's own quiet code (quiet.py) is real traffic: the
+        # transport's spans nest under this span.
+        publish.context = quiet.lifted(trace.set_span_in_context(span, caller))
         # Current, so that the transport's own spans (redis, amqp) nest under it. An
         # unrecorded span under a valid caller is not: those spans would have a parent
         # nobody recorded, and are better off under the caller, whose sampling decision

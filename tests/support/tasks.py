@@ -122,6 +122,24 @@ def register(app: Celery) -> SimpleNamespace:
         for a stored SUCCESS, so every version reports WorkerLostError)."""
         return "done"
 
+    @task(name="t.log_line")
+    def log_line(text: str) -> str:
+        """One line through Celery's task logger."""
+        from celery.utils.log import get_task_logger
+
+        get_task_logger("tests.tasks").warning("task says %s", text)
+        return text
+
+    @task(name="t.redis_set")
+    def redis_set(key: str) -> str:
+        """One Redis command of the task body's own (SET), on the broker's server."""
+        import os
+
+        import redis
+
+        redis.Redis.from_url(os.environ["BROKER_URL"]).set(key, "1")
+        return key
+
     @task(name="t.collect")
     def collect(values: list[int]) -> int:
         return sum(values)
@@ -150,7 +168,7 @@ def register(app: Celery) -> SimpleNamespace:
         add=add, fail=fail, expected=expected, retry_once=retry_once, retry_with_reason=retry_with_reason,
         autoretry=autoretry,
         replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
-        reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect,
+        reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect, log_line=log_line, redis_set=redis_set,
         finish_then_die=finish_then_die,
         die_twice=die_twice, die_twice_retry=die_twice_retry,
     )

@@ -1,0 +1,174 @@
+"""Worker main process: the log lines Celery writes about a delivery carry its trace.
+
+opentelemetry-instrumentation-logging's record factory (``otelTraceID``, ``otelSpanID``,
+``otelTraceSampled``, ``otelServiceName``) and the logs bridge's ``LoggingHandler`` both
+read the *current* context when a record is made. In a pool child our CONSUMER span is
+current while the task runs (consumer.py), but the worker's main process logs about a
+delivery with nothing current: "Task ... received" (celery/worker/strategy.py),
+"Discarding revoked task" (``Request.revoked``), "Hard time limit (...) exceeded"
+(``Request.on_timeout``), "Received unregistered task" / "Received invalid task
+message" (``Consumer.on_unknown_task`` / ``on_invalid_task``), Celery 5.3 to 5.7.
+
+Around each of those we make the producer's context current: the task's span lives in
+the pool child, the main process knows only the producer's span, from the headers.
+Attached and detached in the same frame, never across callbacks.
+
+Whether it is worth doing is decided when the worker's consumer builds its task
+strategies (``celery.worker.strategy.default``, at every consumer start): by then Celery
+has set up logging and auto-instrumentation has installed its record factory and
+handlers. Off (the default record factory, no OpenTelemetry handler), the strategy is
+Celery's own and no Request class gets a wrapper: nothing is paid per delivery.
+
+The producer's context is extracted once per delivery and kept on kombu's ``Message``
+(its ``__slots__`` include ``__dict__``), which every Request keeps as ``_message``: the
+strategy, the Request's callbacks and deliveries.py share one parse, and it goes when
+the message goes (no dict keyed by task id).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextvars import Token
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from . import quiet
+from ._guard import report
+from .inbound import Headers, extract, relate
+from .options import Options
+
+_STASH = "_otel_celery_inbound"
+
+
+def wanted() -> bool:
+    """Whether a log record may read the current context: a record factory other than
+    logging's own (opentelemetry-instrumentation-logging's), or a handler of an
+    ``opentelemetry`` package (the logs bridge) on any logger."""
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        return True
+    loggers: list[Any] = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for each in loggers:
+        for handler in getattr(each, "handlers", ()):
+            if type(handler).__module__.startswith("opentelemetry"):
+                return True
+    return False
+
+
+def _remember(message: Any, inbound: Context) -> Context:
+    try:
+        setattr(message, _STASH, inbound)
+    except (AttributeError, TypeError):  # not a kombu Message: parse again next time
+        pass
+    return inbound
+
+
+def message_inbound(message: Any) -> Context:
+    """The producer's context of a kombu message, extracted once per delivery."""
+    found = getattr(message, _STASH, None)
+    if isinstance(found, Context):
+        return found
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict):
+        headers = {}
+    if "task" not in headers:
+        try:  # protocol 1: the task's fields are the body (kombu caches the decode)
+            payload = getattr(message, "payload", None)
+        except Exception:  # noqa: BLE001 - an undecodable body carries no context
+            payload = None
+        if isinstance(payload, dict) and "task" in payload:
+            headers = payload
+    return _remember(message, extract(Headers(headers)))
+
+
+def stashed_inbound(request: Any) -> Context | None:
+    """The context already extracted for a Request's message, if any (nothing parsed)."""
+    found = getattr(getattr(request, "_message", None), _STASH, None)
+    return found if isinstance(found, Context) else None
+
+
+def request_inbound(request: Any) -> Context:
+    """The producer's context of a Request, shared with its message's other readers."""
+    message = getattr(request, "_message", None)
+    found = getattr(message, _STASH, None)
+    if isinstance(found, Context):
+        return found
+    return _remember(message, extract(Headers(request.request_dict)))
+
+
+class LogContext:
+    def __init__(self, options: Options) -> None:
+        self._options = options
+        self.on = False
+
+    def stop(self) -> None:
+        self.on = False
+
+    def enter_request(self, request: Any) -> Token[Context] | None:
+        """Make a Request's context current; the caller detaches in the same frame."""
+        if not self.on:
+            return None
+        try:
+            excluded, shape = self._options.for_task(str(request.task.name))
+            if excluded:
+                return None
+            base = relate(request_inbound(request), shape)[0]
+            if trace.get_current_span() is trace.get_current_span(base):
+                return None  # inside the strategy's handler already: nothing to add
+            return otel_context.attach(quiet.carried(base))
+        except Exception as exc:  # noqa: BLE001
+            report("log context", exc)
+            return None
+
+    def _enter_message(self, message: Any, name: str) -> Token[Context] | None:
+        try:
+            excluded, shape = self._options.for_task(name)
+            if excluded:
+                return None
+            # Celery's own acks and backend writes in here stay quiet (quiet.py).
+            return otel_context.attach(quiet.carried(relate(message_inbound(message), shape)[0]))
+        except Exception as exc:  # noqa: BLE001
+            report("log context", exc)
+            return None
+
+    # -- wrapt wrappers ---------------------------------------------------------------
+
+    def wrap_strategy(
+        self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        """celery.worker.strategy.default(task, app, consumer): the delivery handler."""
+        self.on = wanted()  # before wrapped: it builds the Request class (deliveries.py)
+        handler = wrapped(*args, **kwargs)
+        if not self.on:
+            return handler
+        task = args[0] if args else kwargs.get("task")
+        name = str(getattr(task, "name", ""))
+
+        def with_context(message: Any, *rest: Any, **more: Any) -> Any:
+            token = self._enter_message(message, name) if self.on else None
+            try:
+                return handler(message, *rest, **more)
+            finally:
+                if token is not None:
+                    otel_context.detach(token)
+
+        return with_context
+
+    def wrap_message_handler(
+        self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        """Consumer.on_unknown_task / on_invalid_task(body, message, exc)."""
+        if not self.on:
+            return wrapped(*args, **kwargs)
+        message = args[1] if len(args) > 1 else kwargs.get("message")
+        headers = getattr(message, "headers", None)
+        name = headers.get("task") if isinstance(headers, dict) else None
+        token = self._enter_message(message, str(name or "unknown"))
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            if token is not None:
+                otel_context.detach(token)

@@ -1,0 +1,155 @@
+"""The worker's own broker traffic makes no traces when a Redis client instrumentation
+is active; the task body's and a real publish's Redis spans stay in the trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry.instrumentation.redis import RedisInstrumentor
+from opentelemetry.trace import SpanKind
+
+from tests.conftest import make_app, wait_for
+from tests.support.prefork import prefork_worker
+from tests.support.spans import by_message, span_id
+
+POOLS = ["prefork", "threads", "solo", "gevent"]
+
+
+def is_redis(span: dict[str, Any]) -> bool:
+    return span["attributes"].get("db.system") == "redis" or span["attributes"].get("db.system.name") == "redis"
+
+
+@pytest.fixture
+def redis_traced():
+    """opentelemetry-instrumentation-redis in the test process too (the publishing side)."""
+    RedisInstrumentor().instrument()
+    yield
+    RedisInstrumentor().uninstrument()
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_worker_traffic_makes_no_traces(pool, redis_url, tmp_path, exporter, tracer, producer_side, redis_traced):
+    """3 tasks, each one SET of its own: the worker exports no root span at all; each SET
+    is a child of its task's process span, beside the result store's GET and SETEX
+    PUBLISH, and no other Redis span is exported; each publish's LPUSH is a child of its
+    send span."""
+    with prefork_worker(redis_url, tmp_path, pool=pool, concurrency=2,
+                        app_module="tests.support.quiet_app", env={"SPAN_DELAY_MS": "100"}) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)  # a remote-control round trip: pidbox traffic in the worker
+        exporter.clear()
+        with tracer.start_as_current_span("request"):
+            sent = [t.redis_set.delay(f"quiet-{pool}-{i}").id for i in range(3)]
+
+        def all_sets(spans: list[dict[str, Any]]) -> bool:
+            return sum(1 for s in spans if is_redis(s) and s["name"] == "SET") == 3
+
+        w.wait_spans(all_sets)
+        w.wait_ready(app)  # the worker answers again after the tasks: more of its traffic
+        w.stop()  # the main process exports what it has as it exits
+        spans = w.spans()
+
+    roots = [s for s in spans if s["parent_id"] is None]
+    assert roots == [], sorted((s["name"], s["attributes"].get("db.statement", "")[:60]) for s in roots)
+    process = {s["attributes"]["messaging.message.id"]: s for s in spans if s["kind"] == "CONSUMER"}
+    assert sorted(process) == sorted(sent)
+    sets = [s for s in spans if is_redis(s) and s["name"] == "SET"]
+    assert sorted(s["parent_id"] for s in sets) == sorted(p["span_id"] for p in process.values())
+    # The rest of the worker's Redis spans: the result store, inside each task's span.
+    for task_id, span in process.items():
+        children = sorted(s["name"] for s in spans if is_redis(s) and s["parent_id"] == span["span_id"])
+        assert children == ["GET", "SET", "SETEX PUBLISH"], (task_id, children)
+    assert sum(1 for s in spans if is_redis(s)) == 9
+
+    ours = list(exporter.get_finished_spans())
+    for task_id in sent:
+        (send,) = by_message(ours, task_id, SpanKind.PRODUCER)
+        pushes = [s for s in ours if s.name == "LPUSH" and s.parent is not None
+                  and s.parent.span_id == span_id(send)]
+        assert len(pushes) == 1
+        assert process[task_id]["parent_id"] == format(span_id(send), "016x")
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_option_off_brings_the_noise_back(pool, redis_url, tmp_path, exporter, tracer, producer_side, redis_traced):
+    """suppress_broker_traffic=false: the worker's own Redis commands are root spans again."""
+    env = {"SPAN_DELAY_MS": "100", "OTEL_PYTHON_CELERY_HEADERS_SUPPRESS_BROKER_TRAFFIC": "false"}
+    with prefork_worker(redis_url, tmp_path, pool=pool, concurrency=2,
+                        app_module="tests.support.quiet_app", env=env) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        t.redis_set.delay(f"loud-{pool}")
+
+        def redis_roots(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [s for s in spans if s["parent_id"] is None and is_redis(s)]
+
+        # A positive count is the behaviour here: the noise is back.
+        assert len(w.wait_spans(redis_roots)) > 0
+
+
+def test_a_real_publish_from_quiet_code_keeps_its_transport_spans(redis_url, exporter, producer_side, redis_traced):
+    """Published from inside the worker's quiet code (a retry from Request.on_failure, a
+    chord callback from the main process), the transport's LPUSH is still a child of the
+    send span; a user's own suppress_instrumentation() is left alone."""
+    from opentelemetry import context as otel_context
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    from otel_celery_headers import quiet
+
+    app, t = make_app(redis_url, task_default_queue="quiet-publish")
+    t.add.delay(0, 0)  # connects and declares the queue: the publishes below only push
+    token = otel_context.attach(quiet.quieted())
+    try:
+        ours = t.add.delay(1, 1).id
+    finally:
+        otel_context.detach(token)
+    with suppress_instrumentation():
+        theirs = t.add.delay(2, 2).id
+    spans = list(exporter.get_finished_spans())
+    (send,) = by_message(spans, ours, SpanKind.PRODUCER)
+    assert [s.name for s in spans if s.parent is not None and s.parent.span_id == span_id(send)] == ["LPUSH"]
+    (send,) = by_message(spans, theirs, SpanKind.PRODUCER)
+    assert [s.name for s in spans if s.parent is not None and s.parent.span_id == span_id(send)] == []
+
+
+def test_the_wrappers_exist_only_while_the_option_is_on():
+    """On: the consumer loop and kombu's ack are wrapped, and undone by uninstrument();
+    off: nothing is wrapped, so nothing is paid."""
+    from celery.worker.consumer.consumer import Consumer
+    from kombu.message import Message
+    from wrapt import FunctionWrapper
+
+    from tests.conftest import instrument
+
+    def wrapped() -> list[bool]:
+        return [isinstance(vars(Consumer)["start"], FunctionWrapper),
+                isinstance(vars(Message)["ack"], FunctionWrapper)]
+
+    instrumentor = instrument()
+    assert wrapped() == [True, True]
+    instrumentor.uninstrument()
+    assert wrapped() == [False, False]
+    instrumentor = instrument(suppress_broker_traffic=False)
+    assert wrapped() == [False, False]
+    instrumentor.uninstrument()
+
+
+def test_pool_children_forked_by_the_loop_are_not_quiet(redis_url, tmp_path, exporter, producer_side):
+    """max_tasks_per_child=1: billiard forks each replacement child from inside the quiet
+    event loop; user code in a child outside any task (a worker_process_init receiver's
+    Redis call) still makes its span, in the first child and in each replacement."""
+    env = {"SPAN_DELAY_MS": "100", "CHILD_INIT_REDIS": "1"}
+    with prefork_worker(redis_url, tmp_path, concurrency=1, max_tasks_per_child=1,
+                        app_module="tests.support.quiet_app", env=env) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        for i in range(2):
+            assert t.add.delay(i, i).get(timeout=60) == 2 * i
+        # The third child, forked after the second task, has run its init when it answers.
+        w.wait_spans(lambda spans: len([s for s in spans if s["parent_id"] is None]) == 3)
+        w.stop()
+        spans = w.spans()
+    roots = [s for s in spans if s["parent_id"] is None]
+    assert sorted(s["name"] for s in roots) == ["SET", "SET", "SET"]
+    assert len({s["pid"] for s in roots}) == 3  # three children, two forked by the loop
