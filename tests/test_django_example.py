@@ -13,7 +13,9 @@ position.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,17 +67,25 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("django") / "db.sqlite3"
     env = otel_env("http://127.0.0.1:9", "unused", DJANGO_SETTINGS_MODULE="proj.settings",
                    DJANGO_DB_PATH=str(path))
-    import subprocess
-
     done = subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], cwd=PROJECT,
                           env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return path
 
 
-def _env(receiver: Any, service: str, redis_url: str, database: Path, **extra: str) -> dict[str, str]:
-    return otel_env(receiver.http_endpoint, service, DJANGO_SETTINGS_MODULE="proj.settings",
-                    CELERY_BROKER_URL=redis_url, DJANGO_DB_PATH=str(database), **extra)
+def _env(receiver: Any, service: str, redis_url: str, database: Path, *,
+         settings_module: bool = True, **extra: str) -> dict[str, str]:
+    """The README's environment; DJANGO_SETTINGS_MODULE exported unless told."""
+    if settings_module:
+        extra["DJANGO_SETTINGS_MODULE"] = "proj.settings"
+    return otel_env(receiver.http_endpoint, service, CELERY_BROKER_URL=redis_url,
+                    DJANGO_DB_PATH=str(database), **extra)
+
+
+def _worker_argv(concurrency: int) -> list[str]:
+    return [instrument_command(), "celery", "-A", "proj", "worker", "--pool", "prefork",
+            "-c", str(concurrency), "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle", "--without-heartbeat"]
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +93,7 @@ def worker(receiver: Any, redis_url: str, database: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     proc = Process(
         "worker",
-        [instrument_command(), "celery", "-A", "proj", "worker", "--pool", "prefork", "-c", "2",
-         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        PROJECT, _env(receiver, "orders-worker", redis_url, database),
+        _worker_argv(2), PROJECT, _env(receiver, "orders-worker", redis_url, database),
         tmp_path_factory.mktemp("worker-log"))
     try:
         proc.wait_log(" ready.", 60)
@@ -95,26 +103,40 @@ def worker(receiver: Any, redis_url: str, database: Path,
 
 
 WEB_SERVERS = {
-    # The autoreloader would run the project in a child process the instrumentation
-    # never saw: --noreload.
+    # What the guide recommends: one process. The autoreloader would run the project
+    # twice, a file watcher and the server it restarts on every change.
     "runserver": lambda port: [sys.executable, "manage.py", "runserver", "--noreload",
                                f"127.0.0.1:{port}"],
+    # ... which still traces: the server child inherits opentelemetry-instrument's
+    # environment and is instrumented too.
+    "runserver-autoreload": lambda port: [sys.executable, "manage.py", "runserver",
+                                          f"127.0.0.1:{port}"],
     # Two forked workers: the SDK's span processor restarts its thread in each.
     "gunicorn": lambda port: ["gunicorn", "proj.wsgi", "--bind", f"127.0.0.1:{port}",
                               "--workers", "2"],
 }
+# Spans each web server sends outside any request: runserver's check for unapplied
+# migrations at startup, two SELECTs that are each a trace of their own.
+STARTUP_SPANS = {"runserver": ["SELECT", "SELECT"], "runserver-autoreload": ["SELECT", "SELECT"],
+                 "gunicorn": []}
 
 
 @pytest.fixture(scope="module", params=sorted(WEB_SERVERS))
 def web(request: pytest.FixtureRequest, receiver: Any, redis_url: str, database: Path,
-        worker: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+        worker: Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """``(server, base url)`` of the web process; the receiver holds only its spans
+    (and the worker's for its requests)."""
+    receiver.wait_quiet(0.5, 15)
+    receiver.clear()
     port = free_port()
+    logs = tmp_path_factory.mktemp("web-log")
+    # HOME: gunicorn >= 24 opens a control socket under ~/.gunicorn.
     proc = Process(request.param, [instrument_command(), *WEB_SERVERS[request.param](port)],
-                   PROJECT, _env(receiver, "orders-web", redis_url, database),
-                   tmp_path_factory.mktemp("web-log"))
+                   PROJECT, _env(receiver, "orders-web", redis_url, database, HOME=str(logs)),
+                   logs)
     try:
         wait_for_port(port, 60, proc.proc)
-        yield f"http://127.0.0.1:{port}"
+        yield request.param, f"http://127.0.0.1:{port}"
     finally:
         proc.stop()
 
@@ -133,11 +155,19 @@ def _verb(span: Span) -> str:
     return sql_statement(span).split()[0].upper()
 
 
-def test_one_trace_per_request(web: str, receiver: Any, database: Path) -> None:
+def test_worker_banner(worker: Process) -> None:
+    """The settings reached the worker: its queue and both tasks (autodiscovered)."""
+    banner = worker.log()
+    assert ".> orders " in banner
+    assert f". {NOTIFY}\n" in banner and f". {PROCESS}\n" in banner
+
+
+def test_one_trace_per_request(web: tuple[str, str], receiver: Any, database: Path) -> None:
+    server_kind, url = web
     placed = []
     for n in range(REQUESTS):
         trace_id, caller, header = traceparent()
-        status, body = post_json(f"{web}/orders/", {"item": f"teapot {n}", "quantity": n + 1},
+        status, body = post_json(f"{url}/orders/", {"item": f"teapot {n}", "quantity": n + 1},
                                  {"traceparent": header})
         assert status == 202 and body["status"] == "placed", body
         placed.append((trace_id, caller, body))
@@ -178,9 +208,76 @@ def test_one_trace_per_request(web: str, receiver: Any, database: Path) -> None:
         assert notify["attributes"]["celery.task.state"] == "SUCCESS"
         assert [_verb(s) for s in children(spans, notify, kind="CLIENT")] == ["UPDATE"]
 
+    # Nothing else: no task span outside a request's trace, no stray trace but the
+    # startup queries of runserver.
+    traces = {trace_id for trace_id, _, _ in placed}
+    strays = [s for s in receiver.spans() if s["trace_id"] not in traces]
+    assert sorted(s["name"] for s in strays) == STARTUP_SPANS[server_kind], strays
+    assert all(s["parent_span_id"] is None and s["service.name"] == "orders-web" for s in strays)
+
     # And the tasks did their work: every order went placed -> processed -> notified.
     with sqlite3.connect(database) as db:
         ids = [body["id"] for _, _, body in placed]
         rows = db.execute(f"SELECT status FROM orders_order WHERE id IN ({','.join('?' * len(ids))})",
                           ids).fetchall()
     assert [status for (status,) in rows] == ["notified"] * REQUESTS
+
+
+# -- the pitfall: DJANGO_SETTINGS_MODULE not exported ----------------------------------
+# manage.py, proj/celery.py and proj/wsgi.py set it with os.environ.setdefault, as
+# Django's templates do. Under opentelemetry-instrument that is too late: the Django
+# instrumentation reads the settings at startup, before the project's code runs, and
+# when DJANGO_SETTINGS_MODULE is unset it configures Django's empty defaults
+# (settings.configure()); the project's settings are then never read.
+
+
+def test_worker_without_settings_module_has_no_tasks(
+        receiver: Any, redis_url: str, database: Path, tmp_path: Path) -> None:
+    """The worker starts and reports ready, with no error, no task and the default
+    queue: the orders queue is never consumed."""
+    proc = Process("worker-no-settings", _worker_argv(1), PROJECT,
+                   _env(receiver, "orders-worker", redis_url, database, settings_module=False),
+                   tmp_path)
+    try:
+        output = proc.wait_log(" ready.", 60)
+    finally:
+        proc.stop()
+    registered = output.split("[tasks]", 1)[1].split("\n[20", 1)[0]  # up to the first log line
+    assert registered.strip() == "", registered
+    assert ".> celery " in output and ".> orders " not in output
+    assert "ERROR" not in output and "Traceback" not in output
+
+
+def test_runserver_without_settings_module_fails_on_allowed_hosts(
+        receiver: Any, redis_url: str, database: Path, tmp_path: Path) -> None:
+    """runserver exits at once with an error about ALLOWED_HOSTS, which settings.py
+    does set."""
+    proc = Process("runserver-no-settings",
+                   [instrument_command(), *WEB_SERVERS["runserver"](free_port())], PROJECT,
+                   _env(receiver, "orders-web", redis_url, database, settings_module=False),
+                   tmp_path)
+    try:
+        assert proc.wait_exit(60) == 1
+    finally:
+        proc.stop()
+    assert "CommandError: You must set settings.ALLOWED_HOSTS if DEBUG is False." in proc.log()
+
+
+def test_gunicorn_without_settings_module_fails_every_request(
+        receiver: Any, redis_url: str, database: Path, tmp_path: Path) -> None:
+    """gunicorn starts, and every request fails with 500: Django's defaults have no
+    ROOT_URLCONF."""
+    port = free_port()
+    proc = Process("gunicorn-no-settings",
+                   [instrument_command(), *WEB_SERVERS["gunicorn"](port)], PROJECT,
+                   _env(receiver, "orders-web", redis_url, database, settings_module=False,
+                        HOME=str(tmp_path)),
+                   tmp_path)
+    try:
+        wait_for_port(port, 60, proc.proc)
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            post_json(f"http://127.0.0.1:{port}/orders/", {"item": "teapot"}, {})
+        assert failed.value.code == 500
+        proc.wait_log("has no attribute 'ROOT_URLCONF'", 15)
+    finally:
+        proc.stop()
