@@ -114,11 +114,16 @@ WEB_SERVERS = {
     # Two forked workers: the SDK's span processor restarts its thread in each.
     "gunicorn": lambda port: ["gunicorn", "proj.wsgi", "--bind", f"127.0.0.1:{port}",
                               "--workers", "2"],
+    # The project imported (Django set up, the Celery app created) in the master
+    # before the fork: nothing there has published yet, so no broker connection is
+    # shared by the workers.
+    "gunicorn-preload": lambda port: ["gunicorn", "proj.wsgi", "--bind", f"127.0.0.1:{port}",
+                                      "--workers", "2", "--preload"],
 }
 # Spans each web server sends outside any request: runserver's check for unapplied
 # migrations at startup, two SELECTs that are each a trace of their own.
 STARTUP_SPANS = {"runserver": ["SELECT", "SELECT"], "runserver-autoreload": ["SELECT", "SELECT"],
-                 "gunicorn": []}
+                 "gunicorn": [], "gunicorn-preload": []}
 
 
 @pytest.fixture(scope="module", params=sorted(WEB_SERVERS))
