@@ -250,6 +250,10 @@ def test_worker_without_settings_module_has_no_tasks(
     registered = output.split("[tasks]", 1)[1].split("\n[20", 1)[0]  # up to the first log line
     assert registered.strip() == "", registered
     assert ".> celery " in output and ".> orders " not in output
+    # Connected all the same: Celery reads CELERY_BROKER_URL from the environment.
+    port = redis_url.rsplit(":", 1)[1]
+    assert [line for line in output.splitlines()
+            if ".> transport:" in line and f"127.0.0.1:{port}/" in line], output
     assert "ERROR" not in output and "Traceback" not in output
 
 
