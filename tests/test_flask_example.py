@@ -82,7 +82,7 @@ def web(request: pytest.FixtureRequest, receiver: Any, redis_url: str, worker: P
     receiver.clear()
     port = free_port()
     logs = tmp_path_factory.mktemp("web-log")
-    # HOME: gunicorn >= 24 opens a control socket under ~/.gunicorn.
+    # HOME: recent gunicorn opens a control socket under ~/.gunicorn; one per run.
     proc = Process(request.param, [instrument_command(), *WEB_SERVERS[request.param](port)],
                    PROJECT, _env(receiver, "shop-web", redis_url, HOME=str(logs)), logs)
     try:
