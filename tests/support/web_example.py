@@ -39,8 +39,9 @@ def instrument_command() -> str:
 
 def otel_env(endpoint: str, service: str, **extra: str) -> dict[str, str]:
     """This machine's environment without its OTEL_* settings (an endpoint, a sampler,
-    other propagators...), plus the example's: spans only, to ``endpoint``, exported
-    within a tenth of a second."""
+    other propagators...) and DJANGO_SETTINGS_MODULE (a test that wants it says so),
+    plus the example's: spans only, to ``endpoint``, exported within a tenth of a
+    second."""
     env = {name: value for name, value in os.environ.items()
            if not name.startswith("OTEL_") and name != "DJANGO_SETTINGS_MODULE"}
     env.update(
