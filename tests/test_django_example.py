@@ -12,6 +12,7 @@ position.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support.example import load
-from tests.support.servers import free_port, wait_for_port
+from tests.support.servers import free_port, redis_server, wait_for_port
 from tests.support.web_example import (
     EXAMPLES,
     Process,
@@ -293,3 +294,58 @@ def test_gunicorn_without_settings_module_fails_every_request(
         proc.wait_log("has no attribute 'ROOT_URLCONF'", 15)
     finally:
         proc.stop()
+
+
+# -- without auto-instrumentation -------------------------------------------------------
+
+
+def test_instrument_in_celery_py_without_auto_instrumentation(
+        database: Path, tmp_path: Path) -> None:
+    """The project with without_auto_instrumentation.py (the SDK and ``instrument()``)
+    at the end of proj/celery.py, as the guide says, run with plain
+    ``celery`` and ``runserver`` (no opentelemetry-instrument, so no Django span and
+    no DJANGO_SETTINGS_MODULE exported: manage.py's default works again): each request's
+    publish starts a trace that holds both tasks, exactly four spans."""
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
+    with open(project / "proj" / "celery.py", "a") as celery_py:
+        celery_py.write("\n" + (PROJECT / "without_auto_instrumentation.py").read_text())
+
+    # A Redis of its own: the module's worker consumes the same queue name.
+    with redis_server() as (redis_url, _redis), _receiver.OTLPReceiver() as receiver:
+        env = {"CELERY_BROKER_URL": redis_url, "DJANGO_DB_PATH": str(database)}
+        worker = Process("manual-worker", _worker_argv(2)[1:], project,
+                         otel_env(receiver.http_endpoint, "orders-worker", **env), tmp_path)
+        port = free_port()
+        web = Process("manual-web", WEB_SERVERS["runserver"](port), project,
+                      otel_env(receiver.http_endpoint, "orders-web", **env), tmp_path)
+        try:
+            worker.wait_log(" ready.", 60)
+            wait_for_port(port, 60, web.proc)
+            for n in range(2):
+                status, _ = post_json(f"http://127.0.0.1:{port}/orders/", {"item": f"cup {n}"}, {})
+                assert status == 202
+
+            def two_done(spans: list[Span]) -> bool:
+                return len(find(spans, name=f"process {NOTIFY}")) >= 2
+
+            receiver.wait_for(two_done, 30)
+            receiver.wait_quiet(1.0, 15)
+        finally:
+            web.stop()
+            worker.stop()
+        traces = receiver.traces()
+
+    assert len(traces) == 2, {t: [s["name"] for s in spans] for t, spans in traces.items()}
+    for spans in traces.values():
+        assert sorted(s["name"] for s in spans) == sorted(
+            [f"send {PROCESS}", f"process {PROCESS}", f"send {NOTIFY}", f"process {NOTIFY}"])
+        send = find_one(spans, name=f"send {PROCESS}", kind="PRODUCER")
+        assert send["service.name"] == "orders-web" and send["parent_span_id"] is None
+        process = find_one(spans, name=f"process {PROCESS}", kind="CONSUMER")
+        assert process["service.name"] == "orders-worker"
+        assert process["parent_span_id"] == send["span_id"]
+        follow_up = find_one(spans, name=f"send {NOTIFY}", kind="PRODUCER")
+        assert follow_up["parent_span_id"] == process["span_id"]
+        notify = find_one(spans, name=f"process {NOTIFY}", kind="CONSUMER")
+        assert notify["parent_span_id"] == follow_up["span_id"]
