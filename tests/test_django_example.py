@@ -301,7 +301,7 @@ def test_gunicorn_without_settings_module_fails_every_request(
 
 def test_instrument_in_celery_py_without_auto_instrumentation(
         database: Path, tmp_path: Path) -> None:
-    """The project with without_auto_instrumentation.py (the SDK and ``instrument()``)
+    """The project with examples/without_auto_instrumentation.py (the SDK and ``instrument()``)
     at the end of proj/celery.py, as the guide says, run with plain
     ``celery`` and ``runserver`` (no opentelemetry-instrument, so no Django span and
     no DJANGO_SETTINGS_MODULE exported: manage.py's default works again): each request's
@@ -309,7 +309,7 @@ def test_instrument_in_celery_py_without_auto_instrumentation(
     project = tmp_path / "project"
     shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
     with open(project / "proj" / "celery.py", "a") as celery_py:
-        celery_py.write("\n" + (PROJECT / "without_auto_instrumentation.py").read_text())
+        celery_py.write("\n" + (EXAMPLES / "without_auto_instrumentation.py").read_text())
 
     # A Redis of its own: the module's worker consumes the same queue name.
     with redis_server() as (redis_url, _redis), _receiver.OTLPReceiver() as receiver:

@@ -9,13 +9,15 @@ publish of ``send_receipt`` under it and the task's CONSUMER span under that.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.example import load
-from tests.support.servers import free_port, wait_for_port
+from tests.support.servers import free_port, redis_server, wait_for_port
 from tests.support.web_example import (
     EXAMPLES,
     Process,
@@ -49,15 +51,15 @@ def _env(receiver: Any, service: str, redis_url: str, **extra: str) -> dict[str,
                     RECEIPT_SENDER="billing@shop.test", **extra)
 
 
+WORKER_ARGV = ["celery", "-A", "make_celery", "worker", "--pool", "prefork", "-c", "2",
+               "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
 @pytest.fixture(scope="module")
 def worker(receiver: Any, redis_url: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    proc = Process(
-        "worker",
-        [instrument_command(), "celery", "-A", "make_celery", "worker", "--pool", "prefork",
-         "-c", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-         "--without-heartbeat"],
-        PROJECT, _env(receiver, "shop-worker", redis_url), tmp_path_factory.mktemp("worker-log"))
+    proc = Process("worker", [instrument_command(), *WORKER_ARGV], PROJECT,
+                   _env(receiver, "shop-worker", redis_url), tmp_path_factory.mktemp("worker-log"))
     try:
         banner = proc.wait_log(" ready.", 60)
         assert ".> receipts " in banner and f". {TASK}\n" in banner, banner
@@ -138,3 +140,45 @@ def test_one_trace_per_request(web: str, receiver: Any, worker: Process) -> None
     # The task ran in the Flask app context (celery_init_app): it read the app's config.
     for n in range(REQUESTS):
         worker.wait_log(f"receipt for {n + 0.5:.2f} from billing@shop.test to c{n}@example.com", 10)
+
+
+def test_instrument_in_app_package_without_auto_instrumentation(tmp_path: Path) -> None:
+    """The app with examples/without_auto_instrumentation.py (the SDK and
+    ``instrument()``) at the end of shop/__init__.py, as the guide says, run with plain
+    ``celery`` and ``flask run``: each request's publish starts a trace of two spans,
+    the publish and the task."""
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(project / "shop" / "__init__.py", "a") as package:
+        package.write("\n" + (EXAMPLES / "without_auto_instrumentation.py").read_text())
+
+    # A Redis of its own: the module's worker consumes the same queue name.
+    with redis_server() as (redis_url, _redis), _receiver.OTLPReceiver() as receiver:
+        worker = Process("manual-worker", WORKER_ARGV, project,
+                         _env(receiver, "shop-worker", redis_url), tmp_path)
+        port = free_port()
+        web = Process("manual-web", WEB_SERVERS["flask-run"](port), project,
+                      _env(receiver, "shop-web", redis_url), tmp_path)
+        try:
+            worker.wait_log(" ready.", 60)
+            wait_for_port(port, 60, web.proc)
+            for n in range(2):
+                status, _ = post_json(f"http://127.0.0.1:{port}/receipts",
+                                      {"email": f"m{n}@example.com", "total": 1}, {})
+                assert status == 202
+            receiver.wait_for(lambda spans: len(find(spans, name=f"process {TASK}")) >= 2, 30)
+            receiver.wait_quiet(1.0, 15)
+        finally:
+            web.stop()
+            worker.stop()
+        traces = receiver.traces()
+
+    assert len(traces) == 2, {t: [s["name"] for s in spans] for t, spans in traces.items()}
+    for spans in traces.values():
+        assert len(spans) == 2, [s["name"] for s in spans]
+        send = find_one(spans, name=f"send {TASK}", kind="PRODUCER")
+        assert send["service.name"] == "shop-web" and send["parent_span_id"] is None
+        process = find_one(spans, name=f"process {TASK}", kind="CONSUMER")
+        assert process["service.name"] == "shop-worker"
+        assert process["parent_span_id"] == send["span_id"]
+        assert process["attributes"]["celery.task.state"] == "SUCCESS"
