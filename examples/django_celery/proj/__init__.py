@@ -1,0 +1,5 @@
+# Load the Celery app whenever Django starts, so that @shared_task binds to it in
+# the web process too (the view's .delay() publishes through it).
+from .celery import app as celery_app
+
+__all__ = ("celery_app",)
