@@ -12,6 +12,7 @@ from opentelemetry import propagate
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.conftest import instrument, make_app, wait_for, worker
+from tests.support.metric_file import latest
 from tests.support.prefork import prefork_worker
 from tests.support.spans import attr, one, parent_id, span_id, trace_id
 
@@ -74,6 +75,49 @@ def test_prefork_hard_time_limit_worker_lost_and_terminate(redis_url, tmp_path, 
         assert span["parent_id"] == hexid(span_id(producers[task_id]), 16)
     (finished,) = consumers(spans, before.id)
     assert finished["trace_id"] == root_trace and finished["status"] != "ERROR"
+
+
+def test_prefork_reject_is_one_span_and_one_count_per_delivery(redis_url, tmp_path, producer_side):
+    """Reject(requeue=False) in a pool child (Celery 5.7 also sends task_failure for it from
+    the main process): one CONSUMER span and one consumed count, REJECTED. Reject(requeue=True):
+    REJECTED then, redelivered, SUCCESS; one span and one count each."""
+    with prefork_worker(redis_url, tmp_path, concurrency=2, metrics=True,
+                        env={"SPAN_DELAY_MS": "200"}) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        rejected = t.reject_me.delay()
+        requeued = t.reject_requeue_once.delay()
+        assert requeued.get(timeout=60) == 2
+        expected = {
+            ("t.reject_me", "REJECTED"): 1,
+            ("t.reject_requeue_once", "REJECTED"): 1,
+            ("t.reject_requeue_once", "SUCCESS"): 1,
+        }
+        deadline = time.monotonic() + 30
+        while consumed(w.metric_points()) != expected:
+            assert time.monotonic() < deadline, (consumed(w.metric_points()), w.log()[-2000:])
+            time.sleep(0.2)
+        time.sleep(1.2)  # two more exports: a second count for a delivery would show
+        assert consumed(w.metric_points()) == expected
+        w.stop()  # the main process exports its spans as it exits
+        spans = w.spans()
+    (span,) = consumers(spans, rejected.id)
+    assert span["attributes"]["celery.task.state"] == "REJECTED"
+    first, second = sorted(consumers(spans, requeued.id), key=lambda s: s["start_ns"])
+    assert [first["attributes"]["celery.task.state"], second["attributes"]["celery.task.state"]] == [
+        "REJECTED", "SUCCESS"]
+    assert "celery.delivery.redelivered" not in first["attributes"]
+    assert second["attributes"]["celery.delivery.redelivered"] is True
+
+
+def consumed(rows) -> dict[tuple[str, str], float]:
+    """(task, state) -> messaging.client.consumed.messages, each stream's latest point."""
+    found: dict[tuple[str, str], float] = {}
+    for row in latest(rows).values():
+        if row["scope"] == "otel_celery_headers" and row["name"] == "messaging.client.consumed.messages":
+            key = (row["attributes"]["celery.task.name"], row["attributes"]["celery.task.state"])
+            found[key] = found.get(key, 0) + row["value"]
+    return found
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,9 @@ CELERY_TRACE_SHAPE: Final = "celery.trace_shape"
 CELERY_REVOKED: Final = "celery.task.revoked"
 CELERY_REVOKED_REASON: Final = "celery.task.revoked.reason"
 CELERY_DELIVERY_REQUEUED: Final = "celery.delivery.requeued"
+# The broker delivered this message before (AMQP's basic.deliver redelivered flag;
+# kombu's Redis transport sets it on a message it restores). No semantic convention.
+CELERY_DELIVERY_REDELIVERED: Final = "celery.delivery.redelivered"
 CELERY_BEAT_ENTRY: Final = "celery.beat.entry"
 
 # Task facts a message carries (protocol 2 headers, protocol 1 body, ``task.request``),
@@ -83,12 +86,20 @@ def metric_attributes(
     operation: str,
     task: str,
     destination: str | None = None,
+    *,
     beat_entry: str | None = None,
+    redelivered: bool = False,
 ) -> dict[str, Any]:
     """What every point of our publish and delivery metrics carries (a new dict: the
     caller adds the outcome to it). No destination for a publish that failed before
     its message was routed; the beat entry of a delivery `celery beat` sent (bounded:
-    the schedule's entries)."""
+    the schedule's entries).
+
+    ``celery.delivery.redelivered`` only when true: a first delivery's series keep the
+    attributes they always had, and a redelivery adds at most one series beside each
+    (a bool has one true value), so a dashboard can tell redeliveries apart without
+    doubling every series that never sees one.
+    """
     found: dict[str, Any] = {
         MESSAGING_SYSTEM: system,
         MESSAGING_OPERATION_NAME: operation,
@@ -98,6 +109,8 @@ def metric_attributes(
         found[MESSAGING_DESTINATION_NAME] = destination
     if beat_entry is not None:
         found[CELERY_BEAT_ENTRY] = beat_entry
+    if redelivered:
+        found[CELERY_DELIVERY_REDELIVERED] = True
     return found
 
 

@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
-from . import endings, fanin, lifecycle
+from . import destinations, endings, fanin, lifecycle
 from ._guard import report
 from ._outcome import error_type, is_expected, mark_failed, unwrap
 from ._state import current_publish
@@ -34,10 +34,10 @@ from .carrier import SENT_AT_HEADER, TRACE_SHAPE_HEADER, own_header
 from .fanin import ChordPart
 from .inbound import (
     asked_shape,
-    destination_of,
     extract,
     previous_attempt,
     queue_time,
+    redelivered,
     relate,
     waited_since,
 )
@@ -166,7 +166,9 @@ class Consumer:
                 links = [*(links or ()), *fanin.links_from(headers)]
 
         system = attrs.messaging_system(task.app)
-        destination = destination_of(request.delivery_info)
+        delivery_info = request.delivery_info
+        destination = destinations.of_delivery(task.app, delivery_info)
+        again = redelivered(delivery_info)
         # Worker deliveries are counted by the process holding their Request
         # (deliveries.py): no metric attributes are built here for nobody.
         metric_attributes: dict[str, Any] | None = None
@@ -176,7 +178,8 @@ class Consumer:
             endings.starting()
         if eager or self._counting:
             metric_attributes = attrs.metric_attributes(
-                system, attrs.OPERATION_PROCESS, name, destination, entry_of(request)
+                system, attrs.OPERATION_PROCESS, name, destination,
+                beat_entry=entry_of(request), redelivered=again,
             )
 
         if excluded:
@@ -199,6 +202,8 @@ class Consumer:
         attributes: dict[str, Any] = attrs.start_attributes(
             system, attrs.OPERATION_PROCESS, destination, name
         )
+        if again:  # a start attribute: a sampler may keep every redelivery
+            attributes[attrs.CELERY_DELIVERY_REDELIVERED] = True
         in_sampled_trace = attrs.parent_sampled(parent)
         if in_sampled_trace:
             self._span_attributes(request, task_id, eager, shape, waited, attributes)

@@ -60,12 +60,12 @@ from opentelemetry.trace import Tracer
 from wrapt import FunctionWrapper, wrap_function_wrapper
 
 from . import attributes as attrs
-from . import endings, quiet
+from . import destinations, endings, quiet
 from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import DeliveryMetrics
-from .inbound import Headers, destination_of, exemplar_context, queue_time, relate, shape_of
+from .inbound import Headers, exemplar_context, queue_time, redelivered, relate, shape_of
 from .logcontext import LogContext, message_inbound, request_inbound, stashed_inbound
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
@@ -377,7 +377,7 @@ class Deliveries:
         if not (outcome.span or recording):
             return  # the usual success, without a MeterProvider: nothing to record
         now = time.monotonic()
-        name, system, destination = self._facts(request)
+        name, system, destination, again = self._facts(request)
         headers = Headers(request.request_dict)
         span = None
         # A child lost after it ended the span (endings.py) has told the trace already;
@@ -387,7 +387,8 @@ class Deliveries:
                 str(request.id), name, system, headers,
                 state=outcome.state,
                 start=getattr(request, "time_start", None),
-                delivery=request.delivery_info,
+                destination=destination,
+                redelivered=again,
                 failure=outcome.error,
                 inbound=request_inbound(request),
                 extra={**(outcome.extra or {}),
@@ -398,8 +399,8 @@ class Deliveries:
         seconds = None if delivery.started is None else max(0.0, now - delivery.started)
         inbound = delivery.exemplar if delivery.exemplar is not None else Context()
         self._metrics.finished(
-            name, system, destination, outcome.state, outcome.error, seconds, span, inbound,
-            entry_of(headers),
+            name, system, destination, again, outcome.state, outcome.error, seconds, span,
+            inbound, entry_of(headers),
         )
 
     def _message_outcome(
@@ -420,26 +421,30 @@ class Deliveries:
             app = getattr(sender, "app", None)
             system = attrs.messaging_system(app) if app is not None else "unknown"
             delivery = getattr(message, "delivery_info", None)
+            destination = destinations.of_delivery(app, delivery) if app is not None else ""
+            again = redelivered(delivery)
             span = self._spans.emit(
                 task_id if isinstance(task_id, str) else "", name, system, headers,
-                state=state, delivery=delivery, failure=failure,
+                state=state, destination=destination, redelivered=again, failure=failure,
                 inbound=message_inbound(message),
             )
-            destination = destination_of(delivery)
             self._metrics.finished(
-                name, system, destination, state, failure, None, span, Context(),
+                name, system, destination, again, state, failure, None, span, Context(),
                 entry_of(headers),
             )
         except Exception as exc:  # noqa: BLE001
             report(f"task {state.lower()}", exc)
 
     @staticmethod
-    def _facts(request: Any) -> tuple[str, str, str]:
+    def _facts(request: Any) -> tuple[str, str, str, bool]:
+        """(task name, messaging.system, destination, redelivered) of a Request."""
         task = request.task
+        delivery_info = request.delivery_info
         return (
             str(task.name),
             attrs.messaging_system(task.app),
-            destination_of(request.delivery_info),
+            destinations.of_delivery(task.app, delivery_info),
+            redelivered(delivery_info),
         )
 
 

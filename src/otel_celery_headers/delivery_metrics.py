@@ -35,6 +35,7 @@ class DeliveryMetrics:
         name: str,
         system: str,
         destination: str,
+        redelivered: bool,
         waited: float,
         inbound: Context,
         beat_entry: str | None = None,
@@ -42,7 +43,8 @@ class DeliveryMetrics:
         """Time in queue of a delivery a pool process started."""
         context = inbound if self._options.for_task(name)[1] == "child" else _NO_EXEMPLAR
         attributes = attrs.metric_attributes(
-            system, attrs.OPERATION_PROCESS, name, destination, beat_entry
+            system, attrs.OPERATION_PROCESS, name, destination,
+            beat_entry=beat_entry, redelivered=redelivered,
         )
         self._instruments.waited(waited, attributes, context)
 
@@ -51,6 +53,7 @@ class DeliveryMetrics:
         name: str,
         system: str,
         destination: str,
+        redelivered: bool,
         state: str,
         error: BaseException | None,
         seconds: float | None,
@@ -60,7 +63,8 @@ class DeliveryMetrics:
     ) -> None:
         """One delivery; ``seconds`` None for one that never started."""
         metric_attributes = attrs.metric_attributes(
-            system, attrs.OPERATION_PROCESS, name, destination, beat_entry
+            system, attrs.OPERATION_PROCESS, name, destination,
+            beat_entry=beat_entry, redelivered=redelivered,
         )
         metric_attributes[attrs.CELERY_TASK_STATE] = state
         if error is not None:

@@ -162,11 +162,17 @@ def request_attributes(request: Any, into: dict[str, Any]) -> None:
         into[attrs.CELERY_BEAT_ENTRY] = entry
 
 
-def destination_of(delivery_info: Any) -> str:
-    if not isinstance(delivery_info, dict):
-        return ""
-    name = delivery_info.get("routing_key") or delivery_info.get("exchange") or ""
-    return name if type(name) is str else str(name)
+def redelivered(delivery_info: Any) -> bool:
+    """Whether the broker marked this delivery as one it made before.
+
+    Celery's Request copies kombu's ``delivery_info["redelivered"]`` into the
+    ``delivery_info`` it keeps and hands to the pool (celery/worker/request.py, 5.3 to
+    5.7). py-amqp gives AMQP's flag: the message went to a consumer before and was
+    rejected with requeue, or its channel closed with it unacknowledged. kombu's Redis
+    transport sets it on a message it restores from its ``unacked`` hash (after
+    ``visibility_timeout``, or at a consumer's close). One dict lookup: every task.
+    """
+    return isinstance(delivery_info, dict) and delivery_info.get("redelivered") is True
 
 
 def previous_attempt(request: Any) -> Link | None:

@@ -17,7 +17,7 @@ from opentelemetry.trace import Span, SpanKind, Tracer
 
 from . import attributes as attrs
 from ._outcome import mark_failed
-from .inbound import destination_of, extract, relate, request_attributes, shape_of
+from .inbound import extract, relate, request_attributes, shape_of
 from .options import Options
 
 
@@ -35,7 +35,8 @@ class MainProcessSpans:
         *,
         state: str,
         start: float | None = None,
-        delivery: Any = None,
+        destination: str = "",
+        redelivered: bool = False,
         failure: BaseException | None = None,
         extra: dict[str, Any] | None = None,
         inbound: Context | None = None,
@@ -52,12 +53,14 @@ class MainProcessSpans:
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,
             attrs.MESSAGING_OPERATION_NAME: attrs.OPERATION_PROCESS,
-            attrs.MESSAGING_DESTINATION_NAME: destination_of(delivery),
+            attrs.MESSAGING_DESTINATION_NAME: destination,
             attrs.CELERY_TASK_NAME: name,
             attrs.CELERY_TASK_STATE: state,
         }
         if task_id:
             attributes[attrs.MESSAGING_MESSAGE_ID] = task_id
+        if redelivered:
+            attributes[attrs.CELERY_DELIVERY_REDELIVERED] = True
         request_attributes(carrier, attributes)
         if extra:
             attributes.update(extra)

@@ -36,7 +36,7 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
-from . import fanin, quiet, scoped
+from . import destinations, fanin, quiet, scoped
 from ._guard import report
 from ._outcome import error_type, mark_failed
 from .arguments import Recorder
@@ -317,7 +317,10 @@ class Producer:
             facts = headers if "id" in headers or not isinstance(body, dict) else body
             publish: _Publish | None = current_publish.get()
             if publish is not None and publish.context is None:
-                span = self._open(publish, facts, routing_key or exchange or "")
+                # The queue, not the routing key (a topic key, a native delayed
+                # delivery's per-delay key: destinations.py).
+                destination = destinations.PUBLISHING.name(publish.app, exchange, routing_key)
+                span = self._open(publish, facts, destination)
                 if self._arguments is not None and span is not None:
                     self._arguments.record_body(span, publish.name, body)
             self._inject(headers, facts, publish)

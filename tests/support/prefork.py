@@ -24,12 +24,15 @@ def prefork_worker(
     broker_url: str, tmp_path: Path, *, concurrency: int = 2, max_tasks_per_child: int | None = None,
     instrument_at: str = "import", extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
     app_module: str = "tests.support.worker_app", pool: str = "prefork", metrics: bool = False,
+    queue: str | None = None,
 ) -> Iterator[Any]:
-    """A `celery -A <app_module> worker --pool <pool>` subprocess (prefork unless told)."""
-    queue = f"q-{uuid.uuid4().hex[:8]}"
-    span_file = tmp_path / f"spans-{queue}.jsonl"
-    metric_file = tmp_path / f"metrics-{queue}.jsonl"
-    log_file = tmp_path / f"worker-{queue}.log"
+    """A `celery -A <app_module> worker --pool <pool>` subprocess (prefork unless told), on a
+    queue of its own unless ``queue`` names one (a second worker taking over the first's)."""
+    token = uuid.uuid4().hex[:8]
+    queue = queue or f"q-{token}"
+    span_file = tmp_path / f"spans-{token}.jsonl"
+    metric_file = tmp_path / f"metrics-{token}.jsonl"
+    log_file = tmp_path / f"worker-{token}.log"
     args = [
         sys.executable, "-m", "celery", "-A", app_module, "worker",
         "--pool", pool, "--concurrency", str(concurrency), "-Q", queue,

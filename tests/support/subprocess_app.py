@@ -53,9 +53,12 @@ def global_meter_provider(service: str) -> Any:
 
 
 def subprocess_app(name: str, **conf: Any) -> Celery:
-    """A Celery app on BROKER_URL (also its result backend unless BACKEND_URL), consuming QUEUE."""
+    """A Celery app on BROKER_URL (also its result backend unless BACKEND_URL), consuming QUEUE;
+    VISIBILITY_TIMEOUT (seconds) goes to broker_transport_options (kombu's Redis transport)."""
     backend = os.environ.get("BACKEND_URL") or os.environ["BROKER_URL"]
     app = Celery(name, broker=os.environ["BROKER_URL"], backend=backend)
+    if os.environ.get("VISIBILITY_TIMEOUT"):
+        app.conf.broker_transport_options = {"visibility_timeout": float(os.environ["VISIBILITY_TIMEOUT"])}
     app.conf.update(
         task_default_queue=os.environ.get("QUEUE", "celery"),
         broker_connection_retry_on_startup=True,

@@ -78,6 +78,18 @@ def register(app: Celery) -> SimpleNamespace:
     def reject_me() -> None:
         raise Reject("no", requeue=False)
 
+    @task(name="t.reject_requeue_once", bind=True, acks_late=True)
+    def reject_requeue_once(self: Any) -> int:
+        """Reject(requeue=True) on the first delivery of this task id (a Redis INCR in
+        the result backend); returns the delivery's number on the next."""
+        key = f"test-reject-requeue:{self.request.id}"
+        client = self.backend.client
+        delivery = int(client.incr(key))
+        client.expire(key, 600)
+        if delivery == 1:
+            raise Reject("again", requeue=True)
+        return delivery
+
     @task(name="t.whoami")
     def whoami() -> dict[str, Any]:
         """What the task body sees as its current context."""
@@ -157,6 +169,21 @@ def register(app: Celery) -> SimpleNamespace:
             os._exit(1)
         return delivery
 
+    @task(name="t.hold_once", bind=True, acks_late=True)
+    def hold_once(self: Any, seconds: float) -> int:
+        """Sleeps ``seconds`` on the first delivery of this task id (a Redis INCR in the
+        result backend), returns at once on a later one: a worker killed during the
+        first leaves the message unacknowledged, and the next worker finishes it."""
+        import time
+
+        key = f"test-hold-once:{self.request.id}"
+        client = self.backend.client
+        delivery = int(client.incr(key))
+        client.expire(key, 600)
+        if delivery == 1:
+            time.sleep(seconds)
+        return delivery
+
     # acks_late + reject_on_worker_lost: Celery requeues the lost message.
     die_twice = task(name="t.die_twice", bind=True, acks_late=True, reject_on_worker_lost=True)(dies_twice)
     # Celery 5.7 retry_on_worker_lost: the main process publishes a retry (5.3 ignores it).
@@ -170,5 +197,6 @@ def register(app: Celery) -> SimpleNamespace:
         replace_me=replace_me, publish_child=publish_child, send_by_name=send_by_name, ignore_me=ignore_me,
         reject_me=reject_me, whoami=whoami, header=header, on_error=on_error, die=die, sleep=sleep, collect=collect, log_line=log_line, redis_set=redis_set,
         finish_then_die=finish_then_die,
-        die_twice=die_twice, die_twice_retry=die_twice_retry,
+        die_twice=die_twice, die_twice_retry=die_twice_retry, hold_once=hold_once,
+        reject_requeue_once=reject_requeue_once,
     )
