@@ -79,7 +79,14 @@ def lateness(entry: Any) -> float | None:
     last = getattr(entry, "last_run_at", None)
     if last is None:
         return 0.0  # never run: due at once, by definition (redbeat's new entries)
-    remaining = entry.schedule.remaining_estimate(last)
+    schedule = entry.schedule
+    tz = getattr(schedule, "tz", None)
+    if tz is not None and getattr(last, "tzinfo", None) is not None:
+        # In the schedule's own zone, as django-celery-beat's is_due does: Celery 5.3's
+        # crontab reads an aware time's fields in whatever zone it comes (a database's
+        # UTC), and would put a 10:30 Asia/Kolkata run at 10:30 UTC.
+        last = last.astimezone(tz)
+    remaining = schedule.remaining_estimate(last)
     if remaining is None:  # a schedule with no further run (redbeat's solar edge cases)
         return None
     late = -remaining.total_seconds()
