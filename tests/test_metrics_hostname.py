@@ -115,8 +115,10 @@ def test_in_process_worker_metrics_follow_the_rule_spans_keep_the_name(
         def whereami(self: Any) -> str:
             return str(self.request.hostname)
 
+        # The node name start_worker gives (Celery 5.3's start_worker takes no hostname=).
+        monkeypatch.setattr("celery.contrib.testing.worker.anon_nodename", lambda *_: real)
         with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False,
-                          shutdown_timeout=60, loglevel="WARNING", hostname=real):
+                          shutdown_timeout=60, loglevel="WARNING"):
             result = whereami.delay()
             seen = result.get(timeout=20)
             health = wait_until(lambda: (found := points_of(HEALTH_METRICS))
