@@ -27,8 +27,8 @@ from otel_celery_headers import CeleryHeadersInstrumentor, options
 from otel_celery_headers.arguments import ARGS, KWARGS
 from otel_celery_headers.health import HEALTH_METRICS, worker_attributes
 from tests.conftest import make_app, wait_for, worker
-from tests.support.fixtures import clean_environment  # noqa: F401 - fixture
 from tests.support.docs_samples import run_sample
+from tests.support.fixtures import clean_environment  # noqa: F401 - fixture
 from tests.support.log_file import read_log_records
 from tests.support.prefork import prefork_worker
 from tests.support.spans import attr, by_message, one, parent_id, span_id, trace_id

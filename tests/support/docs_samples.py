@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import logging
+import os
 import runpy
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -219,8 +220,6 @@ def run_commands() -> dict[str, Any]:
 
 def run_sample(kind: str, **env: str) -> object:
     """For a test: ``kind`` run in a process of its own with ``env`` added; its RESULT."""
-    import subprocess
-
     proc = subprocess.run(
         [sys.executable, "-m", "tests.support.docs_samples", kind],
         cwd=DOCS_SRC.parent, env={**os.environ, **env}, capture_output=True, text=True,
