@@ -5,7 +5,6 @@ sample runs (FastAPI's docs_src + tests/test_tutorial pattern)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from otel_celery_headers import options
+from tests.support.docs_samples import run_sample
 from tests.support.example import load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,21 +152,11 @@ def test_every_docs_src_file_is_shown() -> None:
 # -- the samples run ------------------------------------------------------------------
 
 
-def _run_sample(kind: str, **env: str) -> object:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.docs_samples", kind],
-        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line.removeprefix("RESULT "))
-
-
 @pytest.mark.parametrize("kind", ["fastapi", "flask", "django"])
 def test_web_quickstart_traces_one_request(kind: str, redis_url: str) -> None:
     """The README's quick start for each framework, as written: the request's span, the
     publish under it, and the task's span under the publish, in one trace."""
-    spans = _run_sample(kind, CELERY_BROKER_URL=redis_url)
+    spans = run_sample(kind, CELERY_BROKER_URL=redis_url)
     assert isinstance(spans, list)
     ours = sorted(s["name"] for s in spans if "send_receipt" in s["name"])
     assert ours == ["process send_receipt", "send send_receipt"]
@@ -191,7 +181,7 @@ def test_configure_in_code_sample_exports_and_a_second_call_is_ignored() -> None
     a second instrument() call changes nothing and says so."""
     receiver_module = load("otlp_receiver")
     with receiver_module.OTLPReceiver(grpc=False) as receiver:
-        result = _run_sample(
+        result = run_sample(
             "in_code", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.http_endpoint,
             OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
         )
@@ -206,13 +196,13 @@ def test_configure_in_code_sample_exports_and_a_second_call_is_ignored() -> None
 def test_instrument_in_child_sample_instruments_each_pool_child_only() -> None:
     """docs_src/deployment/instrument_in_child.py instruments nothing at import, and
     instruments the process once worker_process_init is sent (as in each pool child)."""
-    assert _run_sample("in_child") == {"app": "proj", "before": False, "after": True}
+    assert run_sample("in_child") == {"app": "proj", "before": False, "after": True}
 
 
 def test_quick_start_command_lines_name_the_samples_apps() -> None:
     """Each quick start's `celery -A ...` resolves (as Celery resolves it) to the sample's
     Celery app, and its web command to the sample's web app."""
-    assert _run_sample("commands") == {
+    assert run_sample("commands") == {
         "fastapi worker": "Celery shop", "fastapi web": "FastAPI",
         "flask worker": "Celery shop", "flask web": "Flask",
         "django worker": "Celery proj", "django web": "runserver",

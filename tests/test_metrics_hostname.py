@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import runpy
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +24,11 @@ HOSTNAME = "celery.worker.hostname"
 C = SpanKind.CONSUMER
 
 
-def deployment(hostname: str) -> str:
-    """celery@orders-7d9f8b6c5-x2x7q -> celery@orders (a pod's name minus its two hashes)."""
-    node, _, host = hostname.partition("@")
-    return f"{node}@{host.rsplit('-', 2)[0]}"
+#: celery@orders-7d9f8b6c5-x2x7q -> celery@orders (a pod's name minus its two hashes):
+#: the normalizer docs/shape-and-volume.md shows, so the worker below runs the docs' code.
+deployment: Callable[[str], str] = runpy.run_path(
+    str(Path(__file__).resolve().parent.parent / "docs_src" / "shape_and_volume"
+        / "deployment_hostname.py"))["deployment"]
 
 
 class Counting:

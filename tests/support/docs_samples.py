@@ -1,6 +1,6 @@
 """Runs one documentation sample in a process of its own and prints its spans as JSON.
 
-``python -m tests.support.docs_samples fastapi|flask|django|in_code|in_child|commands``. A process per
+``python -m tests.support.docs_samples fastapi|flask|django|in_code|in_child|commands|link|beat``. A process per
 sample because each one sets process-wide state the test session must not inherit:
 the instrumentor (a singleton), Django's settings, the sample's module names.
 
@@ -9,6 +9,8 @@ The web samples: the framework's own test client makes the request under a stand
 envs), a solo worker runs the task on the broker in ``CELERY_BROKER_URL``.
 ``in_code``: ``docs_src/configure_in_code.py`` as written, exporting over OTLP/HTTP to
 ``OTEL_EXPORTER_OTLP_ENDPOINT``; the caller reads what its receiver got.
+``link`` and ``beat``: the shape-and-volume page's samples, their own app on
+``CELERY_BROKER_URL`` consumed by a solo worker.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import logging
+import os
 import runpy
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_celery_headers import CeleryHeadersInstrumentor
+from otel_celery_headers import TRACE_SHAPE_HEADER, CeleryHeadersInstrumentor
 
 DOCS_SRC = Path(__file__).resolve().parents[2] / "docs_src"
 
@@ -69,24 +72,78 @@ def _web_sample(kind: str) -> tuple[Celery, Any]:
     raise SystemExit(f"unknown sample {kind!r}")
 
 
-def run_web(kind: str) -> list[dict[str, Any]]:
+def _traced() -> tuple[InMemorySpanExporter, TracerProvider]:
+    """The global SDK, spans kept in memory, and this process instrumented with it."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     CeleryHeadersInstrumentor().instrument(tracer_provider=provider)
-    app, post = _web_sample(kind)
+    return exporter, provider
+
+
+def _solo_worker(app: Celery) -> Any:
     app.conf.update(worker_hijack_root_logger=False, broker_connection_retry_on_startup=True)
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=60,
-                      loglevel="WARNING"):
+    return start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=60,
+                        loglevel="WARNING")
+
+
+def _wait_processed(exporter: InMemorySpanExporter, name: str, count: int) -> None:
+    """Until ``count`` spans named ``name`` have ended (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while sum(s.name == name for s in exporter.get_finished_spans()) < count:
+        assert time.monotonic() < deadline, [s.name for s in exporter.get_finished_spans()]
+        time.sleep(0.05)
+
+
+def run_web(kind: str) -> list[dict[str, Any]]:
+    exporter, provider = _traced()
+    app, post = _web_sample(kind)
+    with _solo_worker(app):
         with provider.get_tracer("docs").start_as_current_span("POST /orders"):
             reply = post()
         assert reply == {"queued": 7}, reply
-        deadline = time.monotonic() + 20
-        while not any(s.name == "process send_receipt" for s in exporter.get_finished_spans()):
-            assert time.monotonic() < deadline, [s.name for s in exporter.get_finished_spans()]
-            time.sleep(0.05)
+        _wait_processed(exporter, "process send_receipt", 1)
     return [_as_dict(span) for span in exporter.get_finished_spans()]
+
+
+def run_link() -> list[dict[str, Any]]:
+    """docs_src/shape_and_volume/fan_out_as_links.py: resize_all() of five images in a request."""
+    exporter, provider = _traced()
+    sample = runpy.run_path(str(DOCS_SRC / "shape_and_volume" / "fan_out_as_links.py"))
+    with _solo_worker(sample["app"]):
+        with provider.get_tracer("docs").start_as_current_span("POST /albums/1/resize"):
+            sample["resize_all"]([1, 2, 3, 4, 5])
+        _wait_processed(exporter, "process images.resize", 5)
+    return [_as_dict(span) for span in exporter.get_finished_spans()]
+
+
+def run_beat() -> dict[str, Any]:
+    """docs_src/shape_and_volume/beat_entry_link.py: its entry sent once by a real
+    celery.beat.Scheduler (what beat does when the entry is due), the headers of that
+    message as before_task_publish sees them, and the spans."""
+    from celery.beat import Scheduler
+    from celery.signals import before_task_publish
+
+    exporter, _provider = _traced()
+    sample = runpy.run_path(str(DOCS_SRC / "shape_and_volume" / "beat_entry_link.py"))
+    published: list[dict[str, Any]] = []
+
+    def keep(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        published.append(dict(headers or {}))
+
+    before_task_publish.connect(keep, weak=False)
+    with _solo_worker(sample["app"]):
+        scheduler = Scheduler(sample["app"], lazy=True)
+        scheduler.setup_schedule()
+        sent = scheduler.apply_async(scheduler.schedule["nightly-report"])
+        _wait_processed(exporter, "process reports.nightly", 1)
+    return {
+        "task_id": sent.id,
+        "headers": [{k: v for k, v in h.items() if k in ("id", "task", TRACE_SHAPE_HEADER)}
+                    for h in published],
+        "spans": [_as_dict(span) for span in exporter.get_finished_spans()],
+    }
 
 
 def run_in_code() -> dict[str, Any]:
@@ -161,6 +218,18 @@ def run_commands() -> dict[str, Any]:
     return found
 
 
+def run_sample(kind: str, **env: str) -> object:
+    """For a test: ``kind`` run in a process of its own with ``env`` added; its RESULT."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.support.docs_samples", kind],
+        cwd=DOCS_SRC.parent, env={**os.environ, **env}, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def _as_dict(span: Any) -> dict[str, Any]:
     return {
         "name": span.name,
@@ -168,11 +237,15 @@ def _as_dict(span: Any) -> dict[str, Any]:
         "trace_id": span.context.trace_id,
         "span_id": span.context.span_id,
         "parent_id": span.parent.span_id if span.parent else None,
+        "links": [link.context.span_id for link in span.links],
+        "attributes": {k: v if isinstance(v, (str, int, float, bool)) else list(v)
+                       for k, v in (span.attributes or {}).items()},
     }
 
 
 if __name__ == "__main__":
     which = sys.argv[1]
-    runs = {"in_code": run_in_code, "in_child": run_in_child, "commands": run_commands}
+    runs = {"in_code": run_in_code, "in_child": run_in_child, "commands": run_commands,
+            "link": run_link, "beat": run_beat}
     result = runs[which]() if which in runs else run_web(which)
     print("RESULT " + json.dumps(result))

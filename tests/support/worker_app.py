@@ -6,7 +6,8 @@ auto-instrumentation does it, before the fork; "worker_init", in the main proces
 OTLP_TRACES_URL (send spans over OTLP/HTTP there instead of to SPAN_FILE), METRIC_FILE
 (metrics as JSON lines, every METRIC_INTERVAL_MS, see tests/support/metric_file.py),
 QUEUE_LENGTH_URL (the broker our queue-length thread asks, see tests/test_health.py),
-RESULT_BACKEND (instead of BROKER_URL), SPAN_DELAY_MS.
+RESULT_BACKEND (instead of BROKER_URL), SPAN_DELAY_MS, DOCS_SAMPLE (a file under docs_src/
+whose instrument() call replaces ours at import: tests/test_docs_samples.py).
 Spans go through a BatchSpanProcessor with a one-minute delay (unless SPAN_DELAY_MS):
 a span reaches the file only if the instrumentation flushes it before a pool child exits.
 """
@@ -49,7 +50,11 @@ if os.environ.get("QUEUE_LENGTH_URL"):
 
     app.connection_for_read = _queue_length_broker
 
-if os.environ.get("INSTRUMENT_AT", "import") == "import":
+if os.environ.get("DOCS_SAMPLE"):
+    import runpy
+
+    runpy.run_path(os.environ["DOCS_SAMPLE"])
+elif os.environ.get("INSTRUMENT_AT", "import") == "import":
     CeleryHeadersInstrumentor().instrument()
 elif os.environ["INSTRUMENT_AT"] == "worker_init":  # main process, before the pool forks
 

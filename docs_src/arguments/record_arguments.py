@@ -1,0 +1,6 @@
+from otel_celery_headers import CeleryHeadersInstrumentor
+
+CeleryHeadersInstrumentor().instrument(
+    record_arguments=["billing.*", "accounts.login"],
+    redact_arguments=["iban", "card_*"],
+)

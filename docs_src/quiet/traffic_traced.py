@@ -1,0 +1,3 @@
+from otel_celery_headers import CeleryHeadersInstrumentor
+
+CeleryHeadersInstrumentor().instrument(suppress_broker_traffic=False)
