@@ -37,6 +37,7 @@ here outlives the Request.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -65,13 +66,15 @@ from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import DeliveryMetrics
-from .inbound import Headers, exemplar_context, queue_time, redelivered, relate, shape_of
-from .logcontext import LogContext, message_inbound, request_inbound, stashed_inbound
+from .inbound import Headers, queue_time, redelivered, relate, shape_of
+from .logcontext import LogContext, message_inbound, request_inbound, request_span
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
 
 _ATTR = "_otel_celery_delivery"
+# Celery's Request logger (celery/worker/request.py): its "Task accepted" line is DEBUG.
+_REQUEST_LOG = logging.getLogger("celery.worker.request")
 
 
 @dataclass(slots=True)
@@ -168,8 +171,14 @@ class Deliveries:
     ) -> Any:
         if not self.active:
             return wrapped(*args, **kwargs)
-        # Its debug line, and the revoke of a task terminated before it started.
-        token = self._logs.enter_request(instance)
+        # Its debug line, and the revoke of a task terminated before it started: the
+        # usual delivery, logged at INFO, makes neither and pays nothing here.
+        token = (
+            self._logs.enter_request(instance)
+            if _REQUEST_LOG.isEnabledFor(logging.DEBUG)
+            or getattr(instance, "_terminate_on_ack", None) is not None
+            else None
+        )
         try:
             try:
                 self._accepted(instance, args[1] if len(args) > 1 else kwargs.get("time_accepted"))
@@ -357,10 +366,9 @@ class Deliveries:
             # headers are not read (a failure's context is extracted when needed).
             return
         headers = Headers(request.request_dict)
-        # The context log correlation extracted for this message (logcontext.py), else
-        # the producer's span alone: all an exemplar needs (inbound.exemplar_context).
-        exemplar = stashed_inbound(request)
-        delivery.exemplar = exemplar if exemplar is not None else exemplar_context(headers)
+        # The producer's span alone, all an exemplar needs; read once per delivery with
+        # the log lines' (logcontext.py).
+        delivery.exemplar = request_span(request)
         waited = queue_time(headers)
         if waited is not None:
             self._metrics.accepted(

@@ -19,10 +19,14 @@ has set up logging and auto-instrumentation has installed its record factory and
 handlers. Off (the default record factory, no OpenTelemetry handler), the strategy is
 Celery's own and no Request class gets a wrapper: nothing is paid per delivery.
 
-The producer's context is extracted once per delivery and kept on kombu's ``Message``
-(its ``__slots__`` include ``__dict__``), which every Request keeps as ``_message``: the
+A log line needs only the producer's span (trace id, span id, sampled), not its
+baggage: the span is read from our ``traceparent`` alone (``inbound.exemplar_context``,
+what the delivery metrics' exemplars use too) and kept on kombu's ``Message`` (its
+``__slots__`` include ``__dict__``), which every Request keeps as ``_message``: the
 strategy, the Request's callbacks and deliveries.py share one parse, and it goes when
-the message goes (no dict keyed by task id).
+the message goes (no dict keyed by task id). The whole context, baggage included, is
+extracted only where Celery may publish from the main process (``on_failure``: Celery
+5.7's ``retry_on_worker_lost``) and kept apart.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from opentelemetry.context import Context
 
 from . import quiet
 from ._guard import report
-from .inbound import Headers, extract, relate
+from .inbound import Headers, exemplar_context, extract, relate
 from .options import Options
 
-_STASH = "_otel_celery_inbound"
+_STASH = "_otel_celery_inbound"  # the whole context
+_SPAN_STASH = "_otel_celery_span"  # the producer's span only
 
 
 def wanted() -> bool:
@@ -58,19 +63,15 @@ def wanted() -> bool:
     return False
 
 
-def _remember(message: Any, inbound: Context) -> Context:
+def _remember(message: Any, inbound: Context, key: str = _STASH) -> Context:
     try:
-        setattr(message, _STASH, inbound)
+        setattr(message, key, inbound)
     except (AttributeError, TypeError):  # not a kombu Message: parse again next time
         pass
     return inbound
 
 
-def message_inbound(message: Any) -> Context:
-    """The producer's context of a kombu message, extracted once per delivery."""
-    found = getattr(message, _STASH, None)
-    if isinstance(found, Context):
-        return found
+def _message_headers(message: Any) -> Headers:
     headers = getattr(message, "headers", None)
     if not isinstance(headers, dict):
         headers = {}
@@ -81,13 +82,33 @@ def message_inbound(message: Any) -> Context:
             payload = None
         if isinstance(payload, dict) and "task" in payload:
             headers = payload
-    return _remember(message, extract(Headers(headers)))
+    return Headers(headers)
 
 
-def stashed_inbound(request: Any) -> Context | None:
-    """The context already extracted for a Request's message, if any (nothing parsed)."""
-    found = getattr(getattr(request, "_message", None), _STASH, None)
-    return found if isinstance(found, Context) else None
+def message_inbound(message: Any) -> Context:
+    """The producer's context of a kombu message, extracted once per delivery."""
+    found = getattr(message, _STASH, None)
+    if isinstance(found, Context):
+        return found
+    return _remember(message, extract(_message_headers(message)))
+
+
+def message_span(message: Any) -> Context:
+    """The producer's span of a kombu message (no baggage), read once per delivery."""
+    found = getattr(message, _SPAN_STASH, None)
+    if isinstance(found, Context):
+        return found
+    return _remember(message, exemplar_context(_message_headers(message)), _SPAN_STASH)
+
+
+def request_span(request: Any) -> Context:
+    """The producer's span of a Request (no baggage): for its log lines and its metrics'
+    exemplars, shared with its message's other readers."""
+    message = getattr(request, "_message", None)
+    found = getattr(message, _SPAN_STASH, None)
+    if isinstance(found, Context):
+        return found
+    return _remember(message, exemplar_context(Headers(request.request_dict)), _SPAN_STASH)
 
 
 def request_inbound(request: Any) -> Context:
@@ -115,7 +136,7 @@ class LogContext:
             excluded, shape = self._options.for_task(str(request.task.name))
             if excluded:
                 return None
-            base = relate(request_inbound(request), shape)[0]
+            base = relate(request_span(request), shape)[0]
             if trace.get_current_span() is trace.get_current_span(base):
                 return None  # inside the strategy's handler already: nothing to add
             return otel_context.attach(quiet.carried(base))
@@ -129,7 +150,7 @@ class LogContext:
             if excluded:
                 return None
             # Celery's own acks and backend writes in here stay quiet (quiet.py).
-            return otel_context.attach(quiet.carried(relate(message_inbound(message), shape)[0]))
+            return otel_context.attach(quiet.carried(relate(message_span(message), shape)[0]))
         except Exception as exc:  # noqa: BLE001
             report("log context", exc)
             return None
