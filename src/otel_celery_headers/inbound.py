@@ -70,8 +70,9 @@ def asked_shape(asked: object, configured: TraceShape) -> TraceShape:
 def shape_of(configured: TraceShape, carrier: object) -> TraceShape:
     """The shape of one message: its header's, unless the worker's rule is ``ignore``.
 
-    For the main process's rare spans (mainprocess.py, deliveries.py); the pool
-    child's hot path does the same inline (consumer.py).
+    For the worker's main process (its spans: mainprocess.py; its failure and log
+    contexts and exemplars: deliveries.py, logcontext.py); the pool child's hot path
+    does the same inline (consumer.py).
     """
     if configured == "ignore":
         return configured

@@ -38,7 +38,7 @@ from opentelemetry.context import Context
 
 from . import quiet
 from ._guard import report
-from .inbound import Headers, extract, relate
+from .inbound import Headers, extract, relate, shape_of
 from .options import Options
 
 _STASH = "_otel_celery_inbound"
@@ -66,11 +66,8 @@ def _remember(message: Any, inbound: Context) -> Context:
     return inbound
 
 
-def message_inbound(message: Any) -> Context:
-    """The producer's context of a kombu message, extracted once per delivery."""
-    found = getattr(message, _STASH, None)
-    if isinstance(found, Context):
-        return found
+def _message_headers(message: Any) -> Headers:
+    """A kombu message's task fields: its headers, or protocol 1's body."""
     headers = getattr(message, "headers", None)
     if not isinstance(headers, dict):
         headers = {}
@@ -81,7 +78,15 @@ def message_inbound(message: Any) -> Context:
             payload = None
         if isinstance(payload, dict) and "task" in payload:
             headers = payload
-    return _remember(message, extract(Headers(headers)))
+    return Headers(headers)
+
+
+def message_inbound(message: Any) -> Context:
+    """The producer's context of a kombu message, extracted once per delivery."""
+    found = getattr(message, _STASH, None)
+    if isinstance(found, Context):
+        return found
+    return _remember(message, extract(_message_headers(message)))
 
 
 def stashed_inbound(request: Any) -> Context | None:
@@ -92,11 +97,10 @@ def stashed_inbound(request: Any) -> Context | None:
 
 def request_inbound(request: Any) -> Context:
     """The producer's context of a Request, shared with its message's other readers."""
-    message = getattr(request, "_message", None)
-    found = getattr(message, _STASH, None)
-    if isinstance(found, Context):
+    found = stashed_inbound(request)
+    if found is not None:
         return found
-    return _remember(message, extract(Headers(request.request_dict)))
+    return _remember(getattr(request, "_message", None), extract(Headers(request.request_dict)))
 
 
 class LogContext:
@@ -115,6 +119,9 @@ class LogContext:
             excluded, shape = self._options.for_task(str(request.task.name))
             if excluded:
                 return None
+            # The message's own shape (scoped.trace_shape, a beat entry's header), as the
+            # pool child's span and the main process's spans take it (inbound.shape_of).
+            shape = shape_of(shape, Headers(request.request_dict))
             base = relate(request_inbound(request), shape)[0]
             if trace.get_current_span() is trace.get_current_span(base):
                 return None  # inside the strategy's handler already: nothing to add
@@ -128,6 +135,7 @@ class LogContext:
             excluded, shape = self._options.for_task(name)
             if excluded:
                 return None
+            shape = shape_of(shape, _message_headers(message))
             # Celery's own acks and backend writes in here stay quiet (quiet.py).
             return otel_context.attach(quiet.carried(relate(message_inbound(message), shape)[0]))
         except Exception as exc:  # noqa: BLE001
