@@ -14,8 +14,13 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import INVALID_SPAN, Link, NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+)
 
 from . import attributes as attrs
 from ._guard import report
@@ -28,6 +33,7 @@ from .carrier import (
     inbound_carrier,
     own_header,
     parse_span_ref,
+    propagator_fields,
 )
 from .options import TraceShape, _shape
 
@@ -88,26 +94,11 @@ def extract(carrier: object) -> Context:
     """
     try:
         textmap = propagate.get_global_textmap()
-        return textmap.extract(
-            inbound_carrier(carrier, _fields(textmap)), context=Context(), getter=STRING_GETTER
-        )
+        carried = inbound_carrier(carrier, propagator_fields(textmap))
+        return textmap.extract(carried, context=Context(), getter=STRING_GETTER)
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()
-
-
-# (propagator, its fields): CompositePropagator.fields builds a new set on every call,
-# and the global propagator can be replaced at any time.
-_fields_of: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())
-
-
-def _fields(textmap: TextMapPropagator) -> frozenset[str]:
-    global _fields_of
-    known, fields = _fields_of
-    if known is not textmap:
-        fields = frozenset(textmap.fields)
-        _fields_of = (textmap, fields)
-    return fields
 
 
 # W3C trace context, version 00, lowercase hex (what the SDK's propagator accepts).
@@ -126,7 +117,7 @@ def exemplar_context(carrier: object) -> Context:
     one gives no exemplar. Never a context to run code in: it has no baggage.
     """
     textmap = propagate.get_global_textmap()
-    fields = _fields(textmap)
+    fields = propagator_fields(textmap)
     try:
         # The one place our context is read from (carrier.inbound_carrier), as extract().
         value = inbound_carrier(carrier, fields).get("traceparent") if "traceparent" in fields else None
