@@ -65,7 +65,14 @@ from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import NO_EXEMPLAR, DeliveryMetrics
-from .inbound import Headers, exemplar_context, queue_time, redelivered, relate, shape_of
+from .inbound import (
+    Headers,
+    exemplar_context,
+    queue_time,
+    redelivered,
+    relate,
+    shape_of,
+)
 from .logcontext import LogContext, message_inbound, request_inbound, stashed_inbound
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
