@@ -1,7 +1,9 @@
 """What the worker reads from a message: the producer's context, and facts about it.
 
 Pure functions over ``task.request`` (or message headers read the same way), shared by
-the child's CONSUMER span (consumer.py) and the main process's spans (mainprocess.py).
+the child's CONSUMER span (consumer.py) and the worker's main process: its spans
+(mainprocess.py), delivery metrics and exemplars (deliveries.py), log context
+(logcontext.py).
 """
 
 from __future__ import annotations
