@@ -1,9 +1,10 @@
 """The three delivery metrics, as deliveries.py records them in the worker's main process.
 
 Attributes are bounded (messaging system, queue, operation, task name, state, error
-type; the beat entry and ``celery.delivery.redelivered`` where they apply). The histograms carry exemplars (the SDK's trace-based filter, its default since
-before 1.28) that open the task's trace: ``record()`` gets a context holding a span of
-that trace, since the main process has no current span of its own.
+type; the beat entry and ``celery.delivery.redelivered`` where they apply). The
+histograms carry exemplars (the SDK's trace-based filter, its default since before
+1.28) that open the task's trace: ``record()`` gets a context holding a span of that
+trace, since the main process has no current span of its own.
 """
 
 from __future__ import annotations
