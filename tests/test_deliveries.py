@@ -286,6 +286,25 @@ def test_exemplars_open_the_tasks_trace(redis_worker, tracer, producer_side):
     assert exemplar_traces(DURATION) == exemplar_traces(QUEUE_TIME) == {wanted}
 
 
+def test_a_call_under_trace_shape_link_gives_no_exemplar(redis_worker, tracer, producer_side):
+    """A task published under ``with trace_shape("link")`` starts a trace of its own,
+    which the main process cannot name: its duration and queue-time points carry no
+    exemplar, none into the caller's trace."""
+    from otel_celery_headers import trace_shape
+
+    w, t = redis_worker.w, redis_worker.t
+    before = outcomes(w.metric_points(), DURATION)
+    with tracer.start_as_current_span("request"):
+        with trace_shape("link"):
+            result = t.whoami.delay()
+    result.get(timeout=60)
+    assert settle(w, before, 1, DURATION) == {("t.whoami", "SUCCESS", None): 1}
+    rows = [row for row in w.metric_points() if row["name"] in (DURATION, QUEUE_TIME)
+            and row["attributes"].get("celery.task.name") == "t.whoami"]
+    assert {row["name"] for row in rows} == {DURATION, QUEUE_TIME}
+    assert [e for row in rows for e in row["exemplars"]] == []
+
+
 def streams(w: Any) -> tuple[set[tuple[str, str]], dict[Any, set[int]], set[str]]:
     """Our delivery streams (name, attributes without the per-worker queue), their writers, resources."""
     import json

@@ -221,3 +221,35 @@ def test_excluded_link_and_ignore_tasks_lend_their_lines_no_trace():
     assert current_trace_of("t.excluded") == "0" * 32
     assert current_trace_of("t.linked") == "0" * 32
     assert current_trace_of("t.ignored") == "0" * 32
+
+
+def test_a_call_under_trace_shape_link_lends_its_lines_no_trace(redis_url, tmp_path, exporter, tracer, producer_side):
+    """A task published under ``with trace_shape("link")`` (the shape carried in the
+    message): the main process's "received" line and, for a countdown task revoked by
+    id, its "Discarding revoked task" line carry no trace; a task published beside it
+    without the block still lends the caller's trace to its "received" line."""
+    from otel_celery_headers import trace_shape
+
+    env = {"OTEL_PYTHON_LOG_CORRELATION": "true", "LOG_RECORD_FILE": str(tmp_path / "records.jsonl")}
+    with prefork_worker(redis_url, tmp_path, pool="solo", concurrency=1,
+                        app_module="tests.support.log_app", env=env) as w:
+        app, t = make_app(redis_url, task_default_queue=w.queue)
+        w.wait_ready(app)
+        with tracer.start_as_current_span("request") as root:
+            with trace_shape("link"):
+                linked = t.log_line.delay("linked")
+                later = t.add.apply_async((1, 1), countdown=8)
+            child = t.log_line.delay("child")
+        assert linked.get(timeout=60) == "linked"
+        assert child.get(timeout=60) == "child"
+        wait_lines(w, f"Task t.add[{later.id}] received")
+        # The worker holds it until its eta: revoked now, it is discarded when it leaves
+        # the timer (Request.execute_using_pool), not in the strategy's handler.
+        assert app.control.revoke(later.id, destination=[f"{w.queue}@localhost"], reply=True)
+        lines = wait_lines(w, f"Discarding revoked task: t.add[{later.id}]", timeout=60)
+    trace = hexid(trace_id(root), 32)
+    for fragment in (f"Task t.log_line[{linked.id}] received", f"Task t.add[{later.id}] received",
+                     f"Discarding revoked task: t.add[{later.id}]"):
+        line = the_line(lines, fragment)
+        assert (line["trace"], line["span"]) == ("0", "0"), (fragment, line)
+    assert the_line(lines, f"Task t.log_line[{child.id}] received")["trace"] == trace

@@ -135,6 +135,32 @@ def test_the_wrappers_exist_only_while_the_option_is_on():
     instrumentor.uninstrument()
 
 
+def test_with_the_option_off_uninstrument_leaves_others_wrappers_alone():
+    """suppress_broker_traffic=False wraps nothing of kombu's, so uninstrument() unwraps
+    nothing there either: another library's wrapper of Message.ack stays in place."""
+    from kombu.message import Message
+    from wrapt import FunctionWrapper, wrap_function_wrapper
+
+    from opentelemetry.instrumentation.utils import unwrap
+    from tests.conftest import instrument
+
+    calls = []
+
+    def theirs(wrapped, instance, args, kwargs):
+        calls.append("theirs")
+        return wrapped(*args, **kwargs)
+
+    instrumentor = instrument(suppress_broker_traffic=False)
+    wrap_function_wrapper(Message, "ack", theirs)
+    try:
+        instrumentor.uninstrument()
+        assert isinstance(vars(Message)["ack"], FunctionWrapper)
+        assert vars(Message)["ack"]._self_wrapper is theirs
+    finally:
+        if isinstance(vars(Message)["ack"], FunctionWrapper):
+            unwrap(Message, "ack")
+
+
 def test_pool_children_forked_by_the_loop_are_not_quiet(redis_url, tmp_path, exporter, producer_side):
     """max_tasks_per_child=1: billiard forks each replacement child from inside the quiet
     event loop; user code in a child outside any task (a worker_process_init receiver's

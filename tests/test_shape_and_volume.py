@@ -137,6 +137,25 @@ def test_the_header_beats_the_task_option_but_not_ignore(env, exporter, tracer, 
     assert [link.context.span_id for link in linked.links] == [span_id(one(spans, by_rule.id, P))]
 
 
+def test_a_span_of_the_main_process_takes_the_calls_shape(env, exporter, tracer, instrumented_with):
+    """An expired task published under trace_shape("link"): the span the worker's main
+    process emits for it (no pool ever runs it) is a new trace linked to its publish
+    span, and says celery.trace_shape "link", as a span of a task that ran does."""
+    from datetime import datetime, timedelta, timezone
+
+    instrumented_with()
+    with tracer.start_as_current_span("request") as request:
+        with trace_shape("link"):
+            expired = env.t.add.apply_async(
+                (1, 1), expires=datetime.now(timezone.utc) - timedelta(seconds=30))
+    span = wait_for(lambda spans: one(spans, expired.id, C))
+    assert attr(span, "celery.task.state") == "REVOKED"
+    assert span.parent is None and trace_id(span) != trace_id(request)
+    assert attr(span, SHAPE) == "link"
+    assert [link.context.span_id for link in span.links] == [
+        span_id(one(exporter.get_finished_spans(), expired.id, P))]
+
+
 def test_a_bad_header_keeps_the_rule_and_is_logged_once(env, exporter, instrumented_with, our_log):
     """apply_async(headers={TRACE_SHAPE_HEADER: "sideways"}): the worker uses its own rule."""
     instrumented_with()

@@ -58,7 +58,7 @@ import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.trace import SpanContext, TraceFlags
 
 #: The header carrying the publish time (seconds since the epoch, as a string), used
@@ -201,6 +201,22 @@ def own_header(request: object, key: str) -> str | None:
         return None
     value = headers.get(key)
     return value if isinstance(value, str) else None
+
+
+# (propagator, its fields): CompositePropagator.fields builds a new set on every call,
+# and the global propagator can be replaced at any time. Read on every publish (which
+# fields to write) and every task (which to look for).
+_fields_of: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())
+
+
+def propagator_fields(textmap: TextMapPropagator) -> frozenset[str]:
+    """``textmap.fields``, cached for the propagator object in use."""
+    global _fields_of
+    known, fields = _fields_of
+    if known is not textmap:
+        fields = frozenset(textmap.fields)
+        _fields_of = (textmap, fields)
+    return fields
 
 
 class StringGetter(Getter[Mapping[str, Any]]):

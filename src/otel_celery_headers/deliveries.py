@@ -65,7 +65,7 @@ from . import destinations, endings, quiet
 from ._guard import report
 from ._outcome import unwrap
 from .beat import entry_of
-from .delivery_metrics import DeliveryMetrics
+from .delivery_metrics import NO_EXEMPLAR, DeliveryMetrics
 from .inbound import Headers, queue_time, redelivered, relate, shape_of
 from .logcontext import LogContext, message_inbound, request_inbound, request_span
 from .mainprocess import MainProcessSpans
@@ -80,7 +80,9 @@ _REQUEST_LOG = logging.getLogger("celery.worker.request")
 @dataclass(slots=True)
 class _Delivery:
     started: float | None = None  # monotonic, when a pool process accepted it
-    exemplar: Context | None = None  # the producer's span only (inbound.exemplar_context)
+    # The producer's span only (inbound.exemplar_context), or NO_EXEMPLAR for a task
+    # whose trace is a new one (trace shape link or ignore).
+    exemplar: Context | None = None
     done: bool = False
     # What Celery did while on_failure / on_timeout ran:
     requeued: bool = False
@@ -132,7 +134,7 @@ class Deliveries:
     ) -> None:
         self._options = options
         self._logs = logs
-        self._metrics = DeliveryMetrics(instruments, options)
+        self._metrics = DeliveryMetrics(instruments)
         self._spans = MainProcessSpans(tracer, options)
         self.active = True
 
@@ -366,14 +368,19 @@ class Deliveries:
             # headers are not read (a failure's context is extracted when needed).
             return
         headers = Headers(request.request_dict)
-        # The producer's span alone, all an exemplar needs; read once per delivery with
-        # the log lines' (logcontext.py).
-        delivery.exemplar = request_span(request)
+        facts = self._facts(request)
+        if shape_of(self._options.for_task(facts[0])[1], headers) != "child":
+            # The task's trace is a new one, started in the pool child (the option, or
+            # the message's own shape): the main process cannot name it.
+            exemplar = NO_EXEMPLAR
+        else:
+            # The producer's span alone, all an exemplar needs; read once per delivery
+            # with the log lines' (logcontext.py).
+            exemplar = request_span(request)
+        delivery.exemplar = exemplar
         waited = queue_time(headers)
         if waited is not None:
-            self._metrics.accepted(
-                *self._facts(request), waited, delivery.exemplar, entry_of(headers)
-            )
+            self._metrics.accepted(*facts, waited, exemplar, entry_of(headers))
 
     def _finish(self, request: Any, outcome: Outcome) -> None:
         delivery = _delivery(request)
@@ -405,10 +412,10 @@ class Deliveries:
         if not recording:
             return
         seconds = None if delivery.started is None else max(0.0, now - delivery.started)
-        inbound = delivery.exemplar if delivery.exemplar is not None else Context()
+        exemplar = delivery.exemplar if delivery.exemplar is not None else NO_EXEMPLAR
         self._metrics.finished(
             name, system, destination, again, outcome.state, outcome.error, seconds, span,
-            inbound, entry_of(headers),
+            exemplar, entry_of(headers),
         )
 
     def _message_outcome(
@@ -437,7 +444,7 @@ class Deliveries:
                 inbound=message_inbound(message),
             )
             self._metrics.finished(
-                name, system, destination, again, state, failure, None, span, Context(),
+                name, system, destination, again, state, failure, None, span, NO_EXEMPLAR,
                 entry_of(headers),
             )
         except Exception as exc:  # noqa: BLE001

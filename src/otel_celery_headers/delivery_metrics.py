@@ -1,9 +1,10 @@
 """The three delivery metrics, as deliveries.py records them in the worker's main process.
 
 Attributes are bounded (messaging system, queue, operation, task name, state, error
-type). The histograms carry exemplars (the SDK's trace-based filter, its default since
-before 1.28) that open the task's trace: ``record()`` gets a context holding a span of
-that trace, since the main process has no current span of its own.
+type; the beat entry and ``celery.delivery.redelivered`` where they apply). The
+histograms carry exemplars (the SDK's trace-based filter, its default since before
+1.28) that open the task's trace: ``record()`` gets a context holding a span of that
+trace, since the main process has no current span of its own.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from . import attributes as attrs
 from ._outcome import error_type
 from .metrics import Instruments
-from .options import Options
 
-# A context whose span is invalid: the trace-based exemplar filter samples nothing.
-_NO_EXEMPLAR = trace.set_span_in_context(INVALID_SPAN)
+#: A context whose span is invalid: the trace-based exemplar filter samples nothing.
+#: (Not an empty Context: the SDK reads ``context or get_current()``, and an empty
+#: Context is falsy.)
+NO_EXEMPLAR = trace.set_span_in_context(INVALID_SPAN)
 
 
 class DeliveryMetrics:
-    def __init__(self, instruments: Instruments, options: Options) -> None:
+    def __init__(self, instruments: Instruments) -> None:
         self._instruments = instruments
-        self._options = options
 
     def recording(self) -> bool:
         """Whether a MeterProvider is behind the instruments (Instruments.recording)."""
@@ -37,16 +38,16 @@ class DeliveryMetrics:
         destination: str,
         redelivered: bool,
         waited: float,
-        inbound: Context,
+        exemplar: Context,
         beat_entry: str | None = None,
     ) -> None:
-        """Time in queue of a delivery a pool process started."""
-        context = inbound if self._options.for_task(name)[1] == "child" else _NO_EXEMPLAR
+        """Time in queue of a delivery a pool process started; ``exemplar``: the
+        producer's span, or NO_EXEMPLAR (deliveries.py decides, by the message's shape)."""
         attributes = attrs.metric_attributes(
             system, attrs.OPERATION_PROCESS, name, destination,
             beat_entry=beat_entry, redelivered=redelivered,
         )
-        self._instruments.waited(waited, attributes, context)
+        self._instruments.waited(waited, attributes, exemplar)
 
     def finished(
         self,
@@ -58,10 +59,11 @@ class DeliveryMetrics:
         error: BaseException | None,
         seconds: float | None,
         span: Span | None,
-        inbound: Context,
+        exemplar: Context,
         beat_entry: str | None = None,
     ) -> None:
-        """One delivery; ``seconds`` None for one that never started."""
+        """One delivery; ``seconds`` None for one that never started; ``exemplar`` as
+        for ``accepted``."""
         metric_attributes = attrs.metric_attributes(
             system, attrs.OPERATION_PROCESS, name, destination,
             beat_entry=beat_entry, redelivered=redelivered,
@@ -74,13 +76,8 @@ class DeliveryMetrics:
             return
         # The span emitted by the main process, else the producer's (the child's span
         # is its child), unless the task's trace is a new one (trace shape link or
-        # ignore): the main process cannot name that trace.
-        if span is not None:
-            context = trace.set_span_in_context(span)
-        elif self._options.for_task(name)[1] == "child":
-            context = inbound
-        else:
-            context = _NO_EXEMPLAR
+        # ignore, by option or by the message): the main process cannot name that trace.
+        context = trace.set_span_in_context(span) if span is not None else exemplar
         self._instruments.processed(seconds, metric_attributes, context)
 
 

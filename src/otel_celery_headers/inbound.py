@@ -1,7 +1,9 @@
 """What the worker reads from a message: the producer's context, and facts about it.
 
 Pure functions over ``task.request`` (or message headers read the same way), shared by
-the child's CONSUMER span (consumer.py) and the main process's spans (mainprocess.py).
+the child's CONSUMER span (consumer.py) and the worker's main process: its spans
+(mainprocess.py), delivery metrics and exemplars (deliveries.py), log context
+(logcontext.py).
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import TextMapPropagator
-from opentelemetry.trace import INVALID_SPAN, Link, NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+)
 
 from . import attributes as attrs
 from ._guard import report
@@ -28,6 +35,7 @@ from .carrier import (
     inbound_carrier,
     own_header,
     parse_span_ref,
+    propagator_fields,
 )
 from .options import TraceShape, _shape
 
@@ -70,8 +78,9 @@ def asked_shape(asked: object, configured: TraceShape) -> TraceShape:
 def shape_of(configured: TraceShape, carrier: object) -> TraceShape:
     """The shape of one message: its header's, unless the worker's rule is ``ignore``.
 
-    For the main process's rare spans (mainprocess.py, deliveries.py); the pool
-    child's hot path does the same inline (consumer.py).
+    For the worker's main process (its spans: mainprocess.py; its failure and log
+    contexts and exemplars: deliveries.py, logcontext.py); the pool child's hot path
+    does the same inline (consumer.py).
     """
     if configured == "ignore":
         return configured
@@ -87,26 +96,11 @@ def extract(carrier: object) -> Context:
     """
     try:
         textmap = propagate.get_global_textmap()
-        return textmap.extract(
-            inbound_carrier(carrier, _fields(textmap)), context=Context(), getter=STRING_GETTER
-        )
+        carried = inbound_carrier(carrier, propagator_fields(textmap))
+        return textmap.extract(carried, context=Context(), getter=STRING_GETTER)
     except Exception as exc:  # noqa: BLE001 - a malformed header starts a new trace
         report("extract", exc)
         return Context()
-
-
-# (propagator, its fields): CompositePropagator.fields builds a new set on every call,
-# and the global propagator can be replaced at any time.
-_fields_of: tuple[TextMapPropagator | None, frozenset[str]] = (None, frozenset())
-
-
-def _fields(textmap: TextMapPropagator) -> frozenset[str]:
-    global _fields_of
-    known, fields = _fields_of
-    if known is not textmap:
-        fields = frozenset(textmap.fields)
-        _fields_of = (textmap, fields)
-    return fields
 
 
 # W3C trace context, version 00, lowercase hex (what the SDK's propagator accepts).
@@ -125,7 +119,7 @@ def exemplar_context(carrier: object) -> Context:
     one gives no exemplar. Never a context to run code in: it has no baggage.
     """
     textmap = propagate.get_global_textmap()
-    fields = _fields(textmap)
+    fields = propagator_fields(textmap)
     try:
         # The one place our context is read from (carrier.inbound_carrier), as extract().
         value = inbound_carrier(carrier, fields).get("traceparent") if "traceparent" in fields else None

@@ -56,7 +56,7 @@ _REQUEST_HOOKS = {
 # Everything instrument() does to Celery, and uninstrument() undoes, from one table
 # each: (where, attribute, part, method) wraps ``where.attribute`` with
 # ``<part>.<method>``; (signal, part, method) connects ``<part>.<method>``. The parts
-# are the objects _instrument() builds (producer, consumer, deliveries, flusher, health).
+# are the objects _instrument() builds (its ``parts`` dict).
 _WRAPS: tuple[tuple[Any, str, str, str], ...] = (
     (Task, "apply_async", "producer", "wrap_apply_async"),
     (Celery, "send_task", "producer", "wrap_send_task"),
@@ -182,6 +182,9 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "beat": beat,
         }
         wraps = _WRAPS + (_QUIET_WRAPS if options.suppress_broker_traffic else ())
+        # What uninstrument() unwraps: only these, so that with the option off it does
+        # not strip another library's wrapper of kombu's Message.ack and the like.
+        self._wraps: tuple[tuple[Any, str, str, str], ...] = wraps
         for where, attribute, part, method in wraps:
             if hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
                 wrap_function_wrapper(where, attribute, getattr(parts[part], method))
@@ -193,7 +196,7 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._stand_in_for_official()
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        for where, attribute, _, _ in _WRAPS + _QUIET_WRAPS:
+        for where, attribute, _, _ in getattr(self, "_wraps", _WRAPS + _QUIET_WRAPS):
             if hasattr(where, attribute):
                 unwrap(where, attribute)  # a no-op where nothing was wrapped
         quiet = getattr(self, "_quiet", None)

@@ -42,7 +42,7 @@ from opentelemetry.context import Context
 
 from . import quiet
 from ._guard import report
-from .inbound import Headers, exemplar_context, extract, relate
+from .inbound import Headers, exemplar_context, extract, relate, shape_of
 from .options import Options
 
 _STASH = "_otel_celery_inbound"  # the whole context
@@ -72,6 +72,7 @@ def _remember(message: Any, inbound: Context, key: str = _STASH) -> Context:
 
 
 def _message_headers(message: Any) -> Headers:
+    """A kombu message's task fields: its headers, or protocol 1's body."""
     headers = getattr(message, "headers", None)
     if not isinstance(headers, dict):
         headers = {}
@@ -112,7 +113,7 @@ def request_span(request: Any) -> Context:
 
 
 def request_inbound(request: Any) -> Context:
-    """The producer's context of a Request, shared with its message's other readers."""
+    """The producer's whole context of a Request, shared with its message's other readers."""
     message = getattr(request, "_message", None)
     found = getattr(message, _STASH, None)
     if isinstance(found, Context):
@@ -136,6 +137,9 @@ class LogContext:
             excluded, shape = self._options.for_task(str(request.task.name))
             if excluded:
                 return None
+            # The message's own shape (scoped.trace_shape, a beat entry's header), as the
+            # pool child's span and the main process's spans take it (inbound.shape_of).
+            shape = shape_of(shape, Headers(request.request_dict))
             base = relate(request_span(request), shape)[0]
             if trace.get_current_span() is trace.get_current_span(base):
                 return None  # inside the strategy's handler already: nothing to add
@@ -149,6 +153,7 @@ class LogContext:
             excluded, shape = self._options.for_task(name)
             if excluded:
                 return None
+            shape = shape_of(shape, _message_headers(message))
             # Celery's own acks and backend writes in here stay quiet (quiet.py).
             return otel_context.attach(quiet.carried(relate(message_span(message), shape)[0]))
         except Exception as exc:  # noqa: BLE001

@@ -45,10 +45,9 @@ class MainProcessSpans:
         excluded, shape = self._options.for_task(name)
         if excluded:
             return None
+        shape = shape_of(shape, carrier)
         # inbound: the context already extracted from these headers (logcontext.py).
-        _, parent, links = relate(
-            extract(carrier) if inbound is None else inbound, shape_of(shape, carrier)
-        )
+        _, parent, links = relate(extract(carrier) if inbound is None else inbound, shape)
         attributes: dict[str, Any] = {
             attrs.MESSAGING_SYSTEM: system,
             attrs.MESSAGING_OPERATION_TYPE: attrs.OPERATION_PROCESS,
@@ -61,6 +60,8 @@ class MainProcessSpans:
             attributes[attrs.MESSAGING_MESSAGE_ID] = task_id
         if redelivered:
             attributes[attrs.CELERY_DELIVERY_REDELIVERED] = True
+        if shape != "child":  # as on the pool child's span (consumer.py)
+            attributes[attrs.CELERY_TRACE_SHAPE] = shape
         request_attributes(carrier, attributes)
         if extra:
             attributes.update(extra)

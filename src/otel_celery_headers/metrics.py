@@ -1,7 +1,8 @@
 """Metric instruments (OpenTelemetry messaging conventions, units in UCUM).
 
 Attributes are bounded: messaging system, destination (queue), operation, task name,
-outcome and error type. Never a task id: that would be one series per message.
+outcome and error type; on deliveries, the beat entry and ``celery.delivery.redelivered``
+(attributes.metric_attributes). Never a task id: that would be one series per message.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Meter, Observation
+from opentelemetry.metrics import (
+    CallbackOptions,
+    Counter,
+    Histogram,
+    Meter,
+    Observation,
+)
 from opentelemetry.semconv._incubating.metrics.messaging_metrics import (
     MESSAGING_CLIENT_CONSUMED_MESSAGES,
     MESSAGING_CLIENT_OPERATION_DURATION,

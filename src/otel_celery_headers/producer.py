@@ -32,25 +32,25 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer
 
 from . import attributes as attrs
 from . import destinations, fanin, quiet, scoped
 from ._guard import report
 from ._outcome import error_type, mark_failed
-from .arguments import Recorder
 from ._state import current_publish
+from .arguments import Recorder
+from .beat import ENTRY_HEADER, BeatMonitor
 from .carrier import (
     CONTEXT_HEADER,
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
     TRACE_SHAPE_HEADER,
     bound_baggage,
+    propagator_fields,
     span_ref,
     write_context,
 )
-from .beat import ENTRY_HEADER, BeatMonitor
 from .consumer import publishing_from
 from .fanin import ChordPart
 from .metrics import Instruments
@@ -100,8 +100,6 @@ class Producer:
         self._beat = beat
         self._options = options
         self._instruments = instruments
-        self._fields_of: TextMapPropagator | None = None
-        self._fields: frozenset[str] = frozenset()
         self._baggage_warned = False
         self._arguments = Recorder.of(options)
         self._no_span = GlobMatcher(options.no_publish_span) if options.no_publish_span else None
@@ -344,11 +342,7 @@ class Producer:
         if ctx is None:
             ctx = otel_context.get_current()
         textmap = propagate.get_global_textmap()
-        # CompositePropagator.fields builds a new set on every call: cache it for the
-        # propagator object in use (the global one can be replaced at any time).
-        if textmap is not self._fields_of:
-            self._fields = frozenset(textmap.fields)
-            self._fields_of = textmap
+        fields = propagator_fields(textmap)
         # Injected into a dict of its own, so that we know which fields are ours: the
         # marker names them, and the worker reads those and no other (carrier.py).
         written: dict[str, str] = {}
@@ -363,11 +357,11 @@ class Producer:
         # fields.isdisjoint(headers), which walks every header.)
         replaces = False
         if CONTEXT_HEADER not in headers:
-            for name in self._fields:
+            for name in fields:
                 if name in headers:
                     replaces = trace.get_current_span(ctx).get_span_context().is_valid
                     break
-        write_context(headers, written, self._fields, replaces)
+        write_context(headers, written, fields, replaces)
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
         entry = _beat_entry.get()
         if entry is not None:
