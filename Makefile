@@ -11,7 +11,7 @@ $(TOOLS)/bin/tox:
 
 # Every env of tox.ini: every supported Celery minor (5.3 to 5.7) on Python 3.10 to 3.13
 # (docs/tests.md has the table). The type check, the docs build and the full runs one
-# after the other, then the three core-subset envs side by side (tox.ini says why); both halves
+# after the other, then the four core-subset envs side by side (tox.ini says why); both halves
 # run even if the first fails, and make fails if either did.
 test: $(TOOLS)/bin/tox
 	$(TOOLS)/bin/tox run -m serial; serial=$$?; \
