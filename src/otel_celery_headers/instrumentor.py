@@ -202,7 +202,8 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         else:
             _hook_consumer_import()
         for where, attribute, part, method in wraps:
-            if where is not _CONSUMER and hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
+            # hasattr: _announce_revoked is private (Celery 5.3 to 5.7).
+            if where is not _CONSUMER and hasattr(where, attribute):
                 wrap_function_wrapper(where, attribute, getattr(parts[part], method))
         for signal, part, method in _SIGNALS:
             # dispatch_uid: connecting twice replaces, never doubles, a receiver.
