@@ -7,6 +7,9 @@ publishes inside a Sentry transaction, as a web request does.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from tests.support.coexist import (
     sink,
     transactions,
 )
+from tests.support.prefork import ROOT
 from tests.support.reliability import wait_until
 
 
@@ -100,3 +104,37 @@ def test_without_another_vendor_the_shape_is_the_same(redis_url, tmp_path):
                 "traceparent", "otel_celery_context", "otel_celery_sent_at",
                 *(["baggage"] if run["baggage"] else []),
                 *(["otel_celery_previous_attempt"] if run["shape"] == "retry" else [])}
+
+
+# A fresh interpreter: ours imported and instrumented first, then Sentry, then the worker's
+# Consumer module imported as `celery worker` imports it when it starts. EARLY: the
+# Consumer module imported before sentry_sdk.init() (by the user), the limit of Sentry's
+# integration that docs/coexistence.md describes.
+_OURS_THEN_SENTRY = """
+import os
+if os.environ.get("EARLY"):
+    import celery.worker.consumer.consumer
+from otel_celery_headers import CeleryHeadersInstrumentor
+CeleryHeadersInstrumentor().instrument()
+import sentry_sdk
+from sentry_sdk.integrations.celery import CeleryIntegration
+sentry_sdk.init(dsn="http://key@127.0.0.1:9/1", integrations=[CeleryIntegration()],
+                default_integrations=False, auto_enabling_integrations=False)
+import celery.app.trace
+import celery.worker.consumer.consumer as consumer
+import wrapt
+print(consumer.build_tracer is celery.app.trace.build_tracer,
+      isinstance(vars(consumer.Consumer)["on_unknown_task"], wrapt.FunctionWrapper))
+"""
+
+
+@pytest.mark.parametrize(("early", "sentrys_tracer"), [(False, True), (True, False)])
+def test_sentry_initialised_after_us_still_traces_a_solo_worker(early, sentrys_tracer):
+    """Imported and instrumented before sentry_sdk.init(), we leave Celery's worker Consumer module
+    unimported: the tracer it builds for a solo/threads/gevent worker is Sentry's patched build_tracer
+    (unless the user imported that module before sentry_sdk.init()), and our wraps of the Consumer
+    are in place once the worker imports it."""
+    proc = subprocess.run([sys.executable, "-c", _OURS_THEN_SENTRY], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "EARLY": "1" if early else ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(sentrys_tracer), "True"]

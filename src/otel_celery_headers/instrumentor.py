@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 from collections.abc import Collection
 from typing import Any
 
@@ -14,7 +15,6 @@ from celery.app.task import Task
 from celery.beat import Scheduler
 from celery.utils.dispatch import Signal
 from celery.worker import strategy
-from celery.worker.consumer.consumer import Consumer as WorkerConsumer
 from celery.worker.pidbox import gPidbox
 from celery.worker.request import Request
 from kombu.asynchronous.timer import Entry as TimerEntry
@@ -22,7 +22,7 @@ from kombu.message import Message
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
-from wrapt import wrap_function_wrapper
+from wrapt import register_post_import_hook, wrap_function_wrapper
 
 from . import beat as beat_module
 from . import forkmetrics
@@ -53,6 +53,16 @@ _REQUEST_HOOKS = {
     "reject": "wrap_reject",
     "_announce_revoked": "wrap_announce_revoked",
 }
+# The worker's Consumer is named, never imported by us: celery.worker.consumer.consumer
+# binds celery.app.trace.build_tracer by name when it is imported, and Sentry's Celery
+# integration patches that module attribute in sentry_sdk.init(). Imported by us before
+# the user's sentry_sdk.init() (at our import, or in instrument() called first), the
+# module kept the unpatched name, and a solo, threads, gevent or eventlet worker (whose
+# tracers the Consumer builds) ran every task outside Sentry's transaction: no Sentry
+# worker transaction, no Sentry headers on a chain's next step or a retry. Its wraps wait
+# for the worker to import it (a post-import hook), after the app module's sentry_sdk.init().
+_CONSUMER = "Consumer"
+_CONSUMER_MODULE = "celery.worker.consumer.consumer"
 # Everything instrument() does to Celery, and uninstrument() undoes, from one table
 # each: (where, attribute, part, method) wraps ``where.attribute`` with
 # ``<part>.<method>``; (signal, part, method) connects ``<part>.<method>``. The parts
@@ -67,16 +77,16 @@ _WRAPS: tuple[tuple[Any, str, str, str], ...] = (
     *((Request, method, "deliveries", hook) for method, hook in _REQUEST_HOOKS.items()),
     # Main-process log lines about a delivery carry its trace (logcontext.py).
     (strategy, "default", "logs", "wrap_strategy"),
-    (WorkerConsumer, "on_unknown_task", "logs", "wrap_message_handler"),
-    (WorkerConsumer, "on_invalid_task", "logs", "wrap_message_handler"),
+    (_CONSUMER, "on_unknown_task", "logs", "wrap_message_handler"),
+    (_CONSUMER, "on_invalid_task", "logs", "wrap_message_handler"),
 )
 # The worker's own broker traffic under suppression (quiet.py), wrapped only while
 # suppress_broker_traffic is on: nothing is paid per ack when it is off.
 _QUIET_WRAPS: tuple[tuple[Any, str, str, str], ...] = (
-    (WorkerConsumer, "start", "quiet", "wrap_quiet"),
+    (_CONSUMER, "start", "quiet", "wrap_quiet"),
     # Its warm shutdown: pidbox unbind (SREM), unacked restore, queue cleanup.
-    (WorkerConsumer, "stop", "quiet", "wrap_quiet"),
-    (WorkerConsumer, "shutdown", "quiet", "wrap_quiet"),
+    (_CONSUMER, "stop", "quiet", "wrap_quiet"),
+    (_CONSUMER, "shutdown", "quiet", "wrap_quiet"),
     (Message, "ack", "quiet", "wrap_quiet"),
     (Message, "reject", "quiet", "wrap_quiet"),
     (Message, "requeue", "quiet", "wrap_quiet"),
@@ -185,8 +195,18 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         # What uninstrument() unwraps: only these, so that with the option off it does
         # not strip another library's wrapper of kombu's Message.ack and the like.
         self._wraps: tuple[tuple[Any, str, str, str], ...] = wraps
+        self._consumer_wraps: tuple[tuple[str, Any], ...] = tuple(
+            (attribute, getattr(parts[part], method))
+            for where, attribute, part, method in wraps
+            if where is _CONSUMER
+        )
+        if _CONSUMER_MODULE in sys.modules:
+            self._wrap_consumer(sys.modules[_CONSUMER_MODULE])
+        else:
+            _hook_consumer_import()
         for where, attribute, part, method in wraps:
-            if hasattr(where, attribute):  # _announce_revoked is private: Celery 5.3 to 5.7
+            # hasattr: _announce_revoked is private (Celery 5.3 to 5.7).
+            if where is not _CONSUMER and hasattr(where, attribute):
                 wrap_function_wrapper(where, attribute, getattr(parts[part], method))
         for signal, part, method in _SIGNALS:
             # dispatch_uid: connecting twice replaces, never doubles, a receiver.
@@ -195,9 +215,19 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             )
         self._stand_in_for_official()
 
+    def _wrap_consumer(self, module: Any) -> None:
+        """The Consumer wraps this instrument() decided, once its module is imported."""
+        for attribute, wrapper in getattr(self, "_consumer_wraps", ()):
+            wrap_function_wrapper(module.Consumer, attribute, wrapper)
+
     def _uninstrument(self, **kwargs: Any) -> None:
+        self._consumer_wraps = ()  # a hook still waiting for the import wraps nothing
+        consumer_module = sys.modules.get(_CONSUMER_MODULE)
         for where, attribute, _, _ in getattr(self, "_wraps", _WRAPS + _QUIET_WRAPS):
-            if hasattr(where, attribute):
+            if where is _CONSUMER:
+                if consumer_module is not None:
+                    unwrap(consumer_module.Consumer, attribute)
+            elif hasattr(where, attribute):
                 unwrap(where, attribute)  # a no-op where nothing was wrapped
         quiet = getattr(self, "_quiet", None)
         if quiet is not None:
@@ -251,3 +281,19 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 "so each message gets one producer and one consumer span"
             )
         wrap_function_wrapper(official, "_instrument", _skip_official)
+
+
+_consumer_hooked = False
+
+
+def _hook_consumer_import() -> None:
+    """Once per process: the Consumer's wraps applied when the worker imports its module
+    (wrapt's post-import hook), as the instrumentor then stands (instrumented or not)."""
+    global _consumer_hooked
+    if not _consumer_hooked:
+        _consumer_hooked = True
+        register_post_import_hook(_on_consumer_import, _CONSUMER_MODULE)
+
+
+def _on_consumer_import(module: Any) -> None:
+    CeleryHeadersInstrumentor()._wrap_consumer(module)
