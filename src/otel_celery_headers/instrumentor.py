@@ -28,6 +28,7 @@ from . import beat as beat_module
 from . import forkmetrics
 from . import health as health_module
 from . import options as options_module
+from . import quiet as quiet_module
 from .consumer import Consumer
 from .deliveries import Deliveries
 from .lifecycle import Flusher
@@ -191,6 +192,8 @@ class CeleryHeadersInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             "health": health,
             "beat": beat,
         }
+        if options.suppress_broker_traffic:
+            quiet_module.warn_if_ignored()
         wraps = _WRAPS + (_QUIET_WRAPS if options.suppress_broker_traffic else ())
         # What uninstrument() unwraps: only these, so that with the option off it does
         # not strip another library's wrapper of kombu's Message.ack and the like.

@@ -29,11 +29,21 @@ What must stay loud is let through, never guessed from the command:
   current, so the transport's spans nest under it;
 * pool children: billiard forks replacement children from inside the event loop, so
   the fork runs under an empty context and no child inherits the suppression.
+
+Only an instrumentation that reads the key is silenced. opentelemetry-instrumentation-redis
+reads it from 0.60b0 (open-telemetry/opentelemetry-python-contrib#2057, fixed by #3955);
+before, every command is a span whatever the context says, and nothing we could set
+short of patching its wrappers or faking a non-sampled parent span (which would also
+hide the delivery spans log lines and metrics relate to) changes that. instrument()
+says so once (``ignoring_instrumentations``) instead of promising what cannot happen.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -46,6 +56,43 @@ _SUPPRESS_PLAIN: str | None = getattr(
     instrumentation_utils, "_SUPPRESS_INSTRUMENTATION_KEY_PLAIN", None
 )
 _OURS = otel_context.create_key("otel_celery_headers.quiet")
+_log = logging.getLogger(__name__)
+
+# Client instrumentations of a broker or result backend, and the first release that
+# honours the suppression key: opentelemetry-python-contrib#3955 (0.60b0) for Redis.
+_HONOURS_FROM = {"opentelemetry-instrumentation-redis": (0, 60)}
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    """``0.49b0`` -> (0, 49); None for what does not read as major.minor."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def ignoring_instrumentations() -> list[str]:
+    """The installed client instrumentations (``name==version``) too old to read the
+    suppression key: the worker's traffic through them stays traced."""
+    found = []
+    for name, first in _HONOURS_FROM.items():
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        release = _release(version)
+        if release is not None and release < first:
+            found.append(f"{name}=={version}")
+    return found
+
+
+def warn_if_ignored() -> None:
+    """Once per instrument() with suppress_broker_traffic on."""
+    for found in ignoring_instrumentations():
+        _log.warning(
+            "suppress_broker_traffic cannot silence %s: it ignores OpenTelemetry's "
+            "suppression before 0.60b0 (opentelemetry-python-contrib#3955), so the "
+            "worker's own Redis commands stay root spans; upgrade it to silence them",
+            found,
+        )
 
 
 def quieted(base: Context | None = None) -> Context:

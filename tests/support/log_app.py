@@ -19,12 +19,16 @@ from typing import Any
 from celery import signals
 from opentelemetry._logs import set_logger_provider
 from opentelemetry.instrumentation.logging import LoggingInstrumentor
-from opentelemetry.instrumentation.logging.handler import LoggingHandler
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 
 from tests.support.log_file import JsonLinesLogExporter
+
+try:
+    from opentelemetry.instrumentation.logging.handler import LoggingHandler
+except ImportError:  # instrumentation-logging 0.49b0 (celery53) has none: the SDK's, same class
+    from opentelemetry.sdk._logs import LoggingHandler
 from tests.support.worker_app import app, tasks  # noqa: F401 - the worker's app and tasks
 
 LINE_FORMAT = (
