@@ -3,8 +3,12 @@ import logging
 from celery import Celery, signals
 from opentelemetry._logs import set_logger_provider
 from opentelemetry.instrumentation.logging import LoggingInstrumentor
-from opentelemetry.instrumentation.logging.handler import LoggingHandler
 from opentelemetry.sdk._logs import LoggerProvider
+
+try:  # the logs bridge's handler, in opentelemetry-instrumentation-logging since 0.5x
+    from opentelemetry.instrumentation.logging.handler import LoggingHandler
+except ImportError:  # older releases: the SDK's
+    from opentelemetry.sdk._logs import LoggingHandler
 
 from otel_celery_headers import CeleryHeadersInstrumentor
 
