@@ -29,7 +29,8 @@ from opentelemetry import propagate
 from opentelemetry.instrumentation.logging import LoggingInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_celery_headers import logcontext
+from otel_celery_headers import logcontext, quiet
+from otel_celery_headers.carrier import propagator_fields, write_context
 from otel_celery_headers.options import Options
 
 FORMAT = "trace=%(otelTraceID)s span=%(otelSpanID)s | %(message)s"
@@ -41,7 +42,11 @@ def _messages(count: int) -> list[Any]:
     for index in range(count):
         headers: dict[str, Any] = {"task": "t.add", "id": f"id-{index}"}
         with tracer.start_as_current_span("send t.add"):
-            propagate.inject(headers)
+            # As producer.py writes it: the fields, and the marker naming them.
+            written: dict[str, str] = {}
+            propagate.inject(written)
+            textmap = propagate.get_global_textmap()
+            write_context(headers, written, propagator_fields(textmap), False)
         out.append(Message(body=b"[]", headers=headers))
     return out
 
@@ -95,6 +100,9 @@ def main() -> None:
         return (time.thread_time_ns() - start) / options.deliveries / 1000
 
     rows: list[tuple[float, float, float]] = []
+    # As in a worker: its consumer loop runs quiet (quiet.py, suppress_broker_traffic),
+    # and the context made current for a delivery keeps that.
+    loop = logcontext.otel_context.attach(quiet.quieted())
     gc.disable()
     try:
         for index in range(options.rounds + 1):
@@ -103,6 +111,7 @@ def main() -> None:
                 rows.append((plain, ours, parse))
     finally:
         gc.enable()
+        logcontext.otel_context.detach(loop)
     plain = statistics.median(r[0] for r in rows)
     extra = statistics.median(r[1] - r[0] for r in rows)
     parse = statistics.median(r[2] for r in rows)

@@ -92,3 +92,47 @@ def test_exemplar_context_is_the_producers_span_or_none(headers, expected):
     else:
         assert (span_context.trace_id, span_context.span_id, int(span_context.trace_flags)) == expected
         assert span_context.is_remote
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"traceparent": TP}, (int(TRACE, 16), int(PARENT, 16), 1)),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-00"}, (int(TRACE, 16), int(PARENT, 16), 0)),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-03"}, (int(TRACE, 16), int(PARENT, 16), 1)),
+        ({"traceparent": f"00-{TRACE}-{PARENT}-02"}, (int(TRACE, 16), int(PARENT, 16), 0)),
+        ({"traceparent": TP.upper()}, None),
+        ({"traceparent": f"00-{TRACE[:-1]}_-{PARENT}-01"}, None),
+        ({"traceparent": f"00-{'0' * 32}-{PARENT}-01"}, None),
+        ({"traceparent": 7}, None),
+        ({}, None),
+    ],
+    ids=["sampled", "unsampled", "flags-03", "flags-02", "uppercase", "underscore",
+         "zero-trace", "not-a-string", "absent"],
+)
+@pytest.mark.parametrize("marker", ["traceparent", "traceparent baggage"])
+def test_exemplar_context_of_our_marked_message(headers, expected, marker):
+    """A message our producer wrote (its marker names the fields) gives the same span as the
+    unmarked read: the marker's fast path parses exactly as the propagator would."""
+    from opentelemetry import trace
+
+    from otel_celery_headers.carrier import CONTEXT_HEADER
+    from otel_celery_headers.inbound import exemplar_context
+
+    carrier = SimpleNamespace(**headers, **{CONTEXT_HEADER: marker})
+    span_context = trace.get_current_span(exemplar_context(carrier)).get_span_context()
+    if expected is None:
+        assert not span_context.is_valid
+    else:
+        assert (span_context.trace_id, span_context.span_id, int(span_context.trace_flags)) == expected
+
+
+def test_exemplar_context_reads_only_the_fields_our_marker_names():
+    """A top-level traceparent our marker does not name is someone else's: no span from it."""
+    from opentelemetry import trace
+
+    from otel_celery_headers.carrier import CONTEXT_HEADER
+    from otel_celery_headers.inbound import exemplar_context
+
+    carrier = SimpleNamespace(traceparent=TP, baggage="k=v", **{CONTEXT_HEADER: "baggage"})
+    assert not trace.get_current_span(exemplar_context(carrier)).get_span_context().is_valid

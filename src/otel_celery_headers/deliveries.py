@@ -88,6 +88,10 @@ class _Delivery:
     requeued: bool = False
     retried: bool = False
     failure: BaseException | None = None  # from a main-process task_failure
+    # (task name, messaging.system, destination, redelivered) and the beat entry, read
+    # at accept for the metrics and kept for the outcome: once per delivery.
+    facts: tuple[str, str, str, bool] | None = None
+    entry: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -368,7 +372,8 @@ class Deliveries:
             # headers are not read (a failure's context is extracted when needed).
             return
         headers = Headers(request.request_dict)
-        facts = self._facts(request)
+        facts = delivery.facts = self._facts(request)
+        entry = delivery.entry = entry_of(headers)
         if shape_of(self._options.for_task(facts[0])[1], headers) != "child":
             # The task's trace is a new one, started in the pool child (the option, or
             # the message's own shape): the main process cannot name it.
@@ -380,7 +385,7 @@ class Deliveries:
         delivery.exemplar = exemplar
         waited = queue_time(headers)
         if waited is not None:
-            self._metrics.accepted(*facts, waited, exemplar, entry_of(headers))
+            self._metrics.accepted(*facts, waited, exemplar, entry)
 
     def _finish(self, request: Any, outcome: Outcome) -> None:
         delivery = _delivery(request)
@@ -392,7 +397,10 @@ class Deliveries:
         if not (outcome.span or recording):
             return  # the usual success, without a MeterProvider: nothing to record
         now = time.monotonic()
-        name, system, destination, again = self._facts(request)
+        facts = delivery.facts
+        if facts is None:  # never accepted, or no MeterProvider then
+            facts = self._facts(request)
+        name, system, destination, again = facts
         headers = Headers(request.request_dict)
         span = None
         # A child lost after it ended the span (endings.py) has told the trace already;
@@ -415,7 +423,7 @@ class Deliveries:
         exemplar = delivery.exemplar if delivery.exemplar is not None else NO_EXEMPLAR
         self._metrics.finished(
             name, system, destination, again, outcome.state, outcome.error, seconds, span,
-            exemplar, entry_of(headers),
+            exemplar, delivery.entry if delivery.facts is not None else entry_of(headers),
         )
 
     def _message_outcome(

@@ -9,6 +9,8 @@ trace, since the main process has no current span of its own.
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -23,13 +25,49 @@ from .metrics import Instruments
 NO_EXEMPLAR = trace.set_span_in_context(INVALID_SPAN)
 
 
+#: Attribute sets kept for reuse never grow past this; beyond, the cache starts over.
+_CACHE_MAX = 4096
+
+
 class DeliveryMetrics:
+    """Records on the main process's one thread, for every delivery of the pool.
+
+    The attribute dicts are built once per attribute set and handed to the SDK again
+    and again (issue 18: the main process limits a prefork worker's throughput). The
+    SDK keeps the dict of a new series as that series' attributes, so a cached dict is
+    never changed after it is built; an outcome with an error type builds its own.
+    """
+
     def __init__(self, instruments: Instruments) -> None:
         self._instruments = instruments
+        self._cache: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def recording(self) -> bool:
         """Whether a MeterProvider is behind the instruments (Instruments.recording)."""
         return self._instruments.recording()
+
+    def _attributes(
+        self,
+        name: str,
+        system: str,
+        destination: str,
+        redelivered: bool,
+        beat_entry: str | None,
+        state: str | None = None,
+    ) -> dict[str, Any]:
+        key = (name, system, destination, redelivered, beat_entry, state)
+        found = self._cache.get(key)
+        if found is None:
+            found = attrs.metric_attributes(
+                system, attrs.OPERATION_PROCESS, name, destination,
+                beat_entry=beat_entry, redelivered=redelivered,
+            )
+            if state is not None:
+                found[attrs.CELERY_TASK_STATE] = state
+            if len(self._cache) >= _CACHE_MAX:  # task names are few; send_task() takes any
+                self._cache.clear()
+            self._cache[key] = found
+        return found
 
     def accepted(
         self,
@@ -43,10 +81,7 @@ class DeliveryMetrics:
     ) -> None:
         """Time in queue of a delivery a pool process started; ``exemplar``: the
         producer's span, or NO_EXEMPLAR (deliveries.py decides, by the message's shape)."""
-        attributes = attrs.metric_attributes(
-            system, attrs.OPERATION_PROCESS, name, destination,
-            beat_entry=beat_entry, redelivered=redelivered,
-        )
+        attributes = self._attributes(name, system, destination, redelivered, beat_entry)
         self._instruments.waited(waited, attributes, exemplar)
 
     def finished(
@@ -64,13 +99,11 @@ class DeliveryMetrics:
     ) -> None:
         """One delivery; ``seconds`` None for one that never started; ``exemplar`` as
         for ``accepted``."""
-        metric_attributes = attrs.metric_attributes(
-            system, attrs.OPERATION_PROCESS, name, destination,
-            beat_entry=beat_entry, redelivered=redelivered,
+        metric_attributes = self._attributes(
+            name, system, destination, redelivered, beat_entry, state
         )
-        metric_attributes[attrs.CELERY_TASK_STATE] = state
         if error is not None:
-            metric_attributes[attrs.ERROR_TYPE] = error_type_of(error)
+            metric_attributes = {**metric_attributes, attrs.ERROR_TYPE: error_type_of(error)}
         if seconds is None:
             self._instruments.processed(None, metric_attributes)
             return

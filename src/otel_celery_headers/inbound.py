@@ -28,6 +28,7 @@ from . import attributes as attrs
 from ._guard import report
 from .beat import entry_of
 from .carrier import (
+    CONTEXT_HEADER,
     PREVIOUS_ATTEMPT_HEADER,
     SENT_AT_HEADER,
     STRING_GETTER,
@@ -120,24 +121,42 @@ def exemplar_context(carrier: object) -> Context:
     """
     textmap = propagate.get_global_textmap()
     fields = propagator_fields(textmap)
-    try:
-        # The one place our context is read from (carrier.inbound_carrier), as extract().
-        value = inbound_carrier(carrier, fields).get("traceparent") if "traceparent" in fields else None
-    except Exception as exc:  # noqa: BLE001 - no exemplar rather than a broken delivery
-        report("exemplar context", exc)
-        return Context()
-    if value is None:
+    if "traceparent" not in fields:
         return extract(carrier)
-    match = _TRACEPARENT.fullmatch(value) if isinstance(value, str) else None
+    # Our own message (the usual one): the marker names the fields we wrote at the top
+    # level, so the traceparent is read there without building inbound_carrier's dict.
+    # What the worker's log lines pay per delivery (issue 17).
+    own = getattr(carrier, "__dict__", None)
+    marker = own.get(CONTEXT_HEADER) if type(own) is dict else None
+    if type(marker) is str and "traceparent" in marker.split():
+        value = own.get("traceparent")  # type: ignore[union-attr]
+    else:
+        try:
+            # The one place our context is read from (carrier.inbound_carrier), as extract().
+            value = inbound_carrier(carrier, fields).get("traceparent")
+        except Exception as exc:  # noqa: BLE001 - no exemplar rather than a broken delivery
+            report("exemplar context", exc)
+            return Context()
+        if value is None:
+            return extract(carrier)
+    match = _TRACEPARENT.fullmatch(value) if type(value) is str else None
     if match is None:
         return Context()
-    trace_id, span_id, flags = match.groups()
     span_context = SpanContext(
-        int(trace_id, 16), int(span_id, 16), True, TraceFlags(int(flags, 16) & 0x01)
+        int(match[1], 16), int(match[2], 16), True,
+        _SAMPLED if match[3][1] in _ODD_HEX else _NOT_SAMPLED,
     )
     if not span_context.is_valid:  # all-zero ids
         return Context()
-    return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
+    return trace.set_span_in_context(NonRecordingSpan(span_context), _EMPTY_CONTEXT)
+
+
+# The sampled flag is the low bit of the flags' second hex digit.
+_ODD_HEX = frozenset("13579bdf")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+# Contexts are immutable: set_span_in_context copies it.
+_EMPTY_CONTEXT = Context()
 
 
 _FROM_REQUEST = (*attrs.MESSAGE_FACTS, ("hostname", attrs.CELERY_WORKER_HOSTNAME))

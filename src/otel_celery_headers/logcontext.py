@@ -42,8 +42,9 @@ from opentelemetry.context import Context
 
 from . import quiet
 from ._guard import report
+from .carrier import TRACE_SHAPE_HEADER
 from .inbound import Headers, exemplar_context, extract, relate, shape_of
-from .options import Options
+from .options import Options, TraceShape
 
 _STASH = "_otel_celery_inbound"  # the whole context
 _SPAN_STASH = "_otel_celery_span"  # the producer's span only
@@ -148,14 +149,33 @@ class LogContext:
             report("log context", exc)
             return None
 
-    def _enter_message(self, message: Any, name: str) -> Token[Context] | None:
+    def _enter_message(
+        self, message: Any, name: str, rule: tuple[bool, TraceShape] | None = None
+    ) -> Token[Context] | None:
+        """``rule``: the task's ``for_task``, when the caller has it already."""
         try:
-            excluded, shape = self._options.for_task(name)
+            excluded, shape = self._options.for_task(name) if rule is None else rule
             if excluded:
                 return None
-            shape = shape_of(shape, _message_headers(message))
+            headers = getattr(message, "headers", None)
+            if type(headers) is dict and "task" in headers:
+                # Protocol 2, the usual message, read in place: no shape header at the
+                # top level and no nested dict (where own_header also looks) keeps the
+                # rule's shape.
+                carrier = Headers(headers)
+                if TRACE_SHAPE_HEADER in headers or "headers" in headers:
+                    shape = shape_of(shape, carrier)
+                found = getattr(message, _SPAN_STASH, None)
+                span = (
+                    found if isinstance(found, Context)
+                    else _remember(message, exemplar_context(carrier), _SPAN_STASH)
+                )
+            else:
+                shape = shape_of(shape, _message_headers(message))
+                span = message_span(message)
             # Celery's own acks and backend writes in here stay quiet (quiet.py).
-            return otel_context.attach(quiet.carried(relate(message_span(message), shape)[0]))
+            base = span if shape == "child" else relate(span, shape)[0]
+            return otel_context.attach(quiet.carried(base))
         except Exception as exc:  # noqa: BLE001
             report("log context", exc)
             return None
@@ -172,9 +192,11 @@ class LogContext:
             return handler
         task = args[0] if args else kwargs.get("task")
         name = str(getattr(task, "name", ""))
+        # The task's rule, fixed for this strategy's life (the options do not change).
+        rule = self._options.for_task(name)
 
         def with_context(message: Any, *rest: Any, **more: Any) -> Any:
-            token = self._enter_message(message, name) if self.on else None
+            token = self._enter_message(message, name, rule) if self.on else None
             try:
                 return handler(message, *rest, **more)
             finally:

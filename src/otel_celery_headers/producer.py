@@ -317,7 +317,13 @@ class Producer:
             if publish is not None and publish.context is None:
                 # The queue, not the routing key (a topic key, a native delayed
                 # delivery's per-delay key: destinations.py).
-                destination = destinations.PUBLISHING.name(publish.app, exchange, routing_key)
+                # Celery's usual publish, to the default exchange, is named by its
+                # routing key without a call (as Resolver.name would).
+                destination = (
+                    routing_key
+                    if exchange == "" and type(routing_key) is str
+                    else destinations.PUBLISHING.name(publish.app, exchange, routing_key)
+                )
                 span = self._open(publish, facts, destination)
                 if self._arguments is not None and span is not None:
                     self._arguments.record_body(span, publish.name, body)
@@ -355,13 +361,17 @@ class Producer:
         # headers stay (write_context). Without our marker, a field already there is
         # replaced only by a valid context. (A loop over the few fields, not
         # fields.isdisjoint(headers), which walks every header.)
-        replaces = False
-        if CONTEXT_HEADER not in headers:
+        if CONTEXT_HEADER in headers:
+            write_context(headers, written, fields, False)  # the marker names the stale
+        else:
             for name in fields:
                 if name in headers:
                     replaces = trace.get_current_span(ctx).get_span_context().is_valid
+                    write_context(headers, written, fields, replaces)
                     break
-        write_context(headers, written, fields, replaces)
+            else:  # a first publish, the usual one: nothing stale to look for
+                headers.update(written)
+                headers[CONTEXT_HEADER] = " ".join(written)
         headers[SENT_AT_HEADER] = f"{time.time():.6f}"
         entry = _beat_entry.get()
         if entry is not None:

@@ -57,6 +57,9 @@ _SUPPRESS_PLAIN: str | None = getattr(
 )
 _OURS = otel_context.create_key("otel_celery_headers.quiet")
 _log = logging.getLogger(__name__)
+#: Whether this process ever made a quiet context: a web app's publishes never do, and
+#: ``lifted`` then costs them one global read instead of a context lookup.
+_ever = False
 
 # Client instrumentations of a broker or result backend, and the first release that
 # honours the suppression key: opentelemetry-python-contrib#3955 (0.60b0) for Redis.
@@ -97,10 +100,16 @@ def warn_if_ignored() -> None:
 
 def quieted(base: Context | None = None) -> Context:
     """``base`` (or the current context) with instrumentation suppressed, by us."""
-    ctx = otel_context.set_value(_SUPPRESS, True, base)
+    global _ever
+    _ever = True
+    # One new Context, not one per key (set_value copies the whole context each time):
+    # the main process does this around every delivery's log lines (logcontext.py).
+    values = dict(otel_context.get_current() if base is None else base)
+    values[_SUPPRESS] = True
     if _SUPPRESS_PLAIN is not None:
-        ctx = otel_context.set_value(_SUPPRESS_PLAIN, True, ctx)
-    return otel_context.set_value(_OURS, True, ctx)
+        values[_SUPPRESS_PLAIN] = True
+    values[_OURS] = True
+    return Context(values)
 
 
 def is_quiet(ctx: Context | None = None) -> bool:
@@ -116,7 +125,7 @@ def carried(base: Context) -> Context:
 
 def lifted(ctx: Context) -> Context:
     """``ctx`` without our suppression: a real publish's transport spans are wanted."""
-    if otel_context.get_value(_OURS, ctx) is not True:
+    if not _ever or otel_context.get_value(_OURS, ctx) is not True:
         return ctx
     ctx = otel_context.set_value(_SUPPRESS, False, ctx)
     if _SUPPRESS_PLAIN is not None:
