@@ -253,3 +253,34 @@ def test_a_call_under_trace_shape_link_lends_its_lines_no_trace(redis_url, tmp_p
         line = the_line(lines, fragment)
         assert (line["trace"], line["span"]) == ("0", "0"), (fragment, line)
     assert the_line(lines, f"Task t.log_line[{child.id}] received")["trace"] == trace
+
+
+def test_a_protocol_1_message_lends_its_lines_the_trace_in_its_headers():
+    """Protocol 1 keeps the task's fields in the body and our context in the message's
+    headers: the main process's lines about it (received, unknown, invalid) carry the trace
+    the headers name, and the task's own name and id come from the body."""
+    import json
+
+    from kombu import Message
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from otel_celery_headers import options
+    from otel_celery_headers.carrier import CONTEXT_HEADER
+    from otel_celery_headers.logcontext import LogContext, message_fields
+
+    headers = {"traceparent": f"00-{RAW_TRACE}-{RAW_SPAN}-01", CONTEXT_HEADER: "traceparent"}
+    body = json.dumps({"task": "t.v1", "id": "v1-id", "args": [], "kwargs": {}})
+    message = Message(body=body, content_type="application/json", content_encoding="utf-8",
+                      headers=headers)
+    fields = message_fields(message)
+    assert (fields.task, fields.id) == ("t.v1", "v1-id")  # type: ignore[attr-defined]
+    logs = LogContext(options.load({}))
+    logs.on = True
+    token = logs._enter_message(message, "t.v1")
+    try:
+        context = trace.get_current_span().get_span_context()
+        assert (hexid(context.trace_id, 32), hexid(context.span_id, 16)) == (RAW_TRACE, RAW_SPAN)
+    finally:
+        assert token is not None
+        otel_context.detach(token)

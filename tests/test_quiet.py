@@ -128,6 +128,35 @@ def test_a_real_publish_from_quiet_code_keeps_its_transport_spans(redis_url, exp
     assert [s.name for s in spans if s.parent is not None and s.parent.span_id == span_id(send)] == expected
 
 
+def test_a_publish_without_its_own_span_from_quiet_code_keeps_its_transport_spans(redis_url, exporter, tracer, redis_traced):
+    """A task of no_publish_span published from the worker's quiet code: no send span, and
+    the transport's LPUSH is still traced, a child of the caller's span the message carries."""
+    from opentelemetry import context as otel_context
+
+    from otel_celery_headers import quiet
+    from tests.conftest import instrument
+
+    instrumentor = instrument(no_publish_span=["t.add"])
+    try:
+        app, t = make_app(redis_url, task_default_queue="quiet-nospan")
+        t.add.delay(0, 0)  # connects and declares the queue: the publish below only pushes
+        exporter.clear()
+        with tracer.start_as_current_span("retrying") as caller:
+            token = otel_context.attach(quiet.quieted())
+            try:
+                message_id = t.add.delay(1, 1).id
+            finally:
+                otel_context.detach(token)
+    finally:
+        instrumentor.uninstrument()
+    spans = list(exporter.get_finished_spans())
+    assert by_message(spans, message_id, SpanKind.PRODUCER) == []
+    under_caller = [s.name for s in spans
+                    if s.parent is not None and s.parent.span_id == caller.get_span_context().span_id]
+    # (an instrumentation that ignores suppression traces it either way)
+    assert under_caller == ["LPUSH"]
+
+
 def test_the_wrappers_exist_only_while_the_option_is_on():
     """On: the consumer loop and kombu's ack are wrapped, and undone by uninstrument();
     off: nothing is wrapped, so nothing is paid."""

@@ -67,7 +67,13 @@ from ._outcome import unwrap
 from .beat import entry_of
 from .delivery_metrics import NO_EXEMPLAR, DeliveryMetrics
 from .inbound import Headers, queue_time, redelivered, relate, shape_of
-from .logcontext import LogContext, message_inbound, request_inbound, request_span
+from .logcontext import (
+    LogContext,
+    message_fields,
+    message_inbound,
+    request_inbound,
+    request_span,
+)
 from .mainprocess import MainProcessSpans
 from .metrics import Instruments
 from .options import Options
@@ -437,8 +443,8 @@ class Deliveries:
     ) -> None:
         """A message that never became a Request: its headers are all we have."""
         try:
-            raw = getattr(message, "headers", None)
-            headers = Headers(dict(raw) if isinstance(raw, Mapping) else {})
+            # Protocol 1's fields are in the body (logcontext.message_fields).
+            headers = message_fields(message)
             task_id = task_id or getattr(headers, "id", None)
             name = str(name or getattr(headers, "task", None) or "unknown")
             app = getattr(sender, "app", None)

@@ -72,18 +72,23 @@ def _remember(message: Any, inbound: Context, key: str = _STASH) -> Context:
     return inbound
 
 
-def _message_headers(message: Any) -> Headers:
-    """A kombu message's task fields: its headers, or protocol 1's body."""
+def message_fields(message: Any) -> Headers:
+    """A kombu message's task fields: its headers, or protocol 1's body with its headers.
+
+    Protocol 1 puts the task's fields in the body and our context in the message's
+    headers (celery/app/amqp.py ``as_task_v1`` publishes ``headers={}`` plus what the
+    producer injects): both are read, the headers winning.
+    """
     headers = getattr(message, "headers", None)
     if not isinstance(headers, dict):
         headers = {}
     if "task" not in headers:
-        try:  # protocol 1: the task's fields are the body (kombu caches the decode)
+        try:  # protocol 1 (kombu caches the decode)
             payload = getattr(message, "payload", None)
         except Exception:  # noqa: BLE001 - an undecodable body carries no context
             payload = None
         if isinstance(payload, dict) and "task" in payload:
-            headers = payload
+            headers = {**payload, **headers}
     return Headers(headers)
 
 
@@ -92,7 +97,7 @@ def message_inbound(message: Any) -> Context:
     found = getattr(message, _STASH, None)
     if isinstance(found, Context):
         return found
-    return _remember(message, extract(_message_headers(message)))
+    return _remember(message, extract(message_fields(message)))
 
 
 def message_span(message: Any) -> Context:
@@ -100,7 +105,7 @@ def message_span(message: Any) -> Context:
     found = getattr(message, _SPAN_STASH, None)
     if isinstance(found, Context):
         return found
-    return _remember(message, exemplar_context(_message_headers(message)), _SPAN_STASH)
+    return _remember(message, exemplar_context(message_fields(message)), _SPAN_STASH)
 
 
 def request_span(request: Any) -> Context:
@@ -171,7 +176,7 @@ class LogContext:
                     else _remember(message, exemplar_context(carrier), _SPAN_STASH)
                 )
             else:
-                shape = shape_of(shape, _message_headers(message))
+                shape = shape_of(shape, message_fields(message))
                 span = message_span(message)
             # Celery's own acks and backend writes in here stay quiet (quiet.py).
             base = span if shape == "child" else relate(span, shape)[0]

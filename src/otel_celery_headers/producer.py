@@ -194,7 +194,12 @@ class Producer:
         """
         system = attrs.messaging_system(publish.app)
         if self._no_span is not None and self._no_span(publish.name):
-            publish.context = otel_context.get_current()
+            caller = otel_context.get_current()
+            publish.context = quiet.lifted(caller)
+            if publish.context is not caller:
+                # Published from the worker's quiet code: the transport's spans are a
+                # real publish's, as under a send span (below).
+                publish.activation = otel_context.attach(publish.context)
             if self._instruments.recording():
                 publish.metric_attributes = attrs.metric_attributes(
                     system, attrs.OPERATION_SEND, publish.name, destination
