@@ -36,9 +36,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
+from opentelemetry.metrics import Histogram, Meter, Observation
 
 from . import attributes as attrs
+from ._current import Current
 from ._guard import report
 from .metrics import histogram
 
@@ -190,32 +191,10 @@ class BeatMonitor:
         return [Observation(value, attributes) for value, attributes in values]
 
 
-# As in health.py: the SDK cannot remove an instrument, so the callbacks read whichever
-# monitor is current and a later instrument() is obeyed.
-_current: BeatMonitor | None = None
-
-
-def activate(monitor: BeatMonitor | None) -> None:
-    global _current
-    if _current is not None and _current is not monitor:
-        _current.close()
-    _current = monitor
-
-
-def _callback(
-    read: Callable[[BeatMonitor], list[Observation]],
-) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    def callback(options: CallbackOptions) -> Iterable[Observation]:
-        monitor = _current
-        if monitor is None:
-            return []
-        try:
-            return read(monitor)
-        except Exception as exc:  # noqa: BLE001 - never fail the SDK's collection
-            report("beat metrics", exc)
-            return []
-
-    return callback
+# The SDK cannot remove an instrument: its callbacks read the current BeatMonitor (_current.py).
+_holder: Current[BeatMonitor] = Current("beat metrics")
+activate = _holder.activate
+_callback = _holder.callback
 
 
 def create_instruments(meter: Meter, monitor: BeatMonitor) -> None:

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from celery.bootsteps import TERMINATE
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import Meter, Observation
 
 from . import attributes as attrs
+from ._current import Current
 from ._guard import report
 from .options import HostnameRule
 from .queue_length import SYSTEMS, QueueLengths
@@ -228,31 +229,10 @@ class Health:
         ]
 
 
-# The instrumented Health. The SDK cannot remove an instrument, and creating one again
-# with the same name returns the first one with its first callbacks; so the callbacks
-# read whichever Health is current, and a later instrument() is obeyed.
-_current: Health | None = None
-
-
-def activate(health: Health | None) -> None:
-    global _current
-    if _current is not None and _current is not health:
-        _current.close()
-    _current = health
-
-
-def _callback(read: Callable[[Health], list[Observation]]) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    def callback(options: CallbackOptions) -> Iterable[Observation]:
-        health = _current
-        if health is None:
-            return []
-        try:
-            return read(health)
-        except Exception as exc:  # noqa: BLE001 - never fail the SDK's collection
-            report("worker health metrics", exc)
-            return []
-
-    return callback
+# The SDK cannot remove an instrument: its callbacks read the current Health (_current.py).
+_holder: Current[Health] = Current("worker health metrics")
+activate = _holder.activate
+_callback = _holder.callback
 
 
 # (name, what Health reads, unit, description, gauge?). UpDownCounters where a sum
