@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.file_exporter import read_spans
+from tests.support.jsonlines import read_json_lines
 from tests.support.prefork import ROOT, prefork_worker
 
 # What each run publishes (coexist_producer.run): its task, and how many messages (a
@@ -112,9 +113,7 @@ def transactions(server: Sink) -> list[tuple[dict[str, Any], dict[str, Any]]]:
 
 def published(path: Path, stage: str) -> dict[str, dict[str, Any]]:
     """Message id -> headers recorded at ``stage`` ("built" or "sent") by coexist_app."""
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_json_lines(path)
     return {r["id"]: r for r in records if r["stage"] == stage}
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from tests.support.jsonlines import read_json_lines
+
 
 def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
     ctx = span.get_span_context()
@@ -52,8 +54,4 @@ class JsonLinesExporter(SpanExporter):
 
 
 def read_spans(path: str | Path) -> list[dict[str, Any]]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_json_lines(path)

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.jsonlines import read_json_lines
+
 try:
     from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 except ImportError:  # SDK before 1.39 (celery53 pins 1.28): the same classes, older names
@@ -44,8 +46,4 @@ class JsonLinesLogExporter(LogRecordExporter):
 
 
 def read_log_records(path: str | Path) -> list[dict[str, Any]]:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return read_json_lines(path)

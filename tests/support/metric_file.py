@@ -20,6 +20,8 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
 )
 
+from tests.support.jsonlines import read_json_lines
+
 
 def _exemplars(point: Any) -> list[dict[str, str]]:
     return [
@@ -74,11 +76,7 @@ class JsonLinesMetricExporter(MetricExporter):
 
 
 def read_points(path: str | Path) -> list[dict[str, Any]]:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return read_json_lines(path)
 
 
 def stream_key(row: dict[str, Any]) -> tuple[str, str, str, str]:
