@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -40,6 +41,17 @@ def live_children(pid: int, count: int) -> set[int] | None:
     return found if len(found) == count else None
 
 
+def settled_children(pid: int, count: int) -> set[int] | None:
+    """``count`` children, the same ones a second later: with --max-tasks-per-child 1 a
+    child that has just run its task is about to exit (CI once saw one gone between the
+    look and the kill: ProcessLookupError)."""
+    found = live_children(pid, count)
+    if found is None:
+        return None
+    time.sleep(1.0)
+    return found if children_of(pid) == found else None
+
+
 @pytest.mark.parametrize("max_tasks_per_child", [None, 1], ids=["long-lived", "max-tasks-per-child-1"])
 def test_sigkilled_pool_children_lose_no_finished_span(redis_url, tmp_path, exporter, tracer, producer_side, max_tasks_per_child):
     """Pool children SIGKILLed between two batches: every finished task's CONSUMER span is in the file exactly once.
@@ -57,9 +69,12 @@ def test_sigkilled_pool_children_lose_no_finished_span(redis_url, tmp_path, expo
         w.wait_spans(lambda spans: all(consumers(spans, r.id) for r in first), timeout=FLUSHED)
 
         # With --max-tasks-per-child 1 a child may be between exit and replacement: take two live ones.
-        killed = wait_until(lambda: live_children(w.proc.pid, 2), TIMEOUT, "two pool children")
+        killed = wait_until(lambda: settled_children(w.proc.pid, 2), TIMEOUT, "two pool children")
         for pid in killed:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it left by itself after all: gone, as killed
+                pass
         # Celery replaces them; wait for two new children before publishing more.
         wait_until(lambda: len(children_of(w.proc.pid) - killed) == 2, TIMEOUT, "new pool children")
 
